@@ -1,0 +1,1 @@
+"""Infrastructure: the only package that imports aio_pika or redis."""

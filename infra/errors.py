@@ -1,0 +1,23 @@
+"""Errors the backends raise, so callers never need to import aio_pika or redis."""
+
+from __future__ import annotations
+
+
+class BackendUnavailable(Exception):
+    """RabbitMQ or Redis cannot be reached right now; the operation may be retried."""
+
+
+class JobNotFound(LookupError):
+    """The job has no config in the store (never created, or deleted)."""
+
+
+class JobExists(Exception):
+    """A job with this id already exists."""
+
+
+class VersionConflict(Exception):
+    """The commit's expected version is not the current one: another aggregator committed."""
+
+
+class PublishError(Exception):
+    """The broker did not take a message: returned as unroutable, nacked, or timed out."""

@@ -1,0 +1,79 @@
+"""Every Redis key and AMQP name fedq uses, in one place.
+
+`{J}` in braces is a Redis Cluster hash tag: all keys of one job live in one slot, which is
+what lets a single Lua script touch several of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+UPDATES_EXCHANGE = "fedq.updates"
+DEAD_EXCHANGE = "fedq.dead"
+VERSIONS_EXCHANGE = "fedq.versions"
+UPDATE_CONTENT_TYPE = "application/vnd.fedq.update"
+
+
+def updates_queue(job: str) -> str:
+    return f"fedq.updates.{job}"
+
+
+def dead_queue(job: str) -> str:
+    return f"fedq.dead.{job}"
+
+
+def log_stream(job: str) -> str:
+    return f"fedq.log.{job}"
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    """The Redis keys of one job."""
+
+    job: str
+
+    @property
+    def prefix(self) -> str:
+        return f"fedq:{{{self.job}}}"
+
+    @property
+    def config(self) -> str:
+        return f"{self.prefix}:config"
+
+    @property
+    def version(self) -> str:
+        return f"{self.prefix}:version"
+
+    def model(self, version: int) -> str:
+        return f"{self.prefix}:model:{version}"
+
+    def meta(self, version: int) -> str:
+        return f"{self.prefix}:meta:{version}"
+
+    @property
+    def applied(self) -> str:
+        return f"{self.prefix}:applied"
+
+    @property
+    def versions_stream(self) -> str:
+        return f"{self.prefix}:versions"
+
+    def blob(self, update_id: str) -> str:
+        return f"{self.prefix}:blob:{update_id}"
+
+    @property
+    def latest_eval(self) -> str:
+        return f"{self.prefix}:latest_eval"
+
+    @property
+    def rejections(self) -> str:
+        return f"{self.prefix}:rejections"
+
+    @property
+    def devices(self) -> str:
+        return f"{self.prefix}:devices"
+
+    @property
+    def pattern(self) -> str:
+        """A SCAN pattern matching every key of the job (job ids hold no glob characters)."""
+        return f"{self.prefix}:*"

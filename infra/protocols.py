@@ -1,0 +1,188 @@
+"""The small interfaces the services are written against; real and in-memory peers implement them.
+
+The aggregator and the device agents only ever see these Protocols; `infra.connect` picks
+the implementation from a URL (`amqp://`, `redis://` or `memory://`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from schemas import JobConfig, UpdateHeader, VersionMeta
+
+# Header names added to a dead-lettered message (the original headers are kept alongside).
+REASON_HEADER = "x-fedq-reason"
+DETAIL_HEADER = "x-fedq-detail"
+
+
+class Delivery(Protocol):
+    """One update message handed to the aggregator; it must end in exactly one settle call."""
+
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def headers(self) -> Mapping[str, Any]:
+        """Raw AMQP headers, not yet validated (bytes values are left as they arrived)."""
+        ...
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def redelivered(self) -> bool: ...
+
+    async def ack(self) -> None:
+        """Settle: the update's effect is durable (committed, or known duplicate)."""
+        ...
+
+    async def dead_letter(self, reason: str, detail: str) -> None:
+        """Settle: copy the message to the job's dead-letter queue with the reason, then ack."""
+        ...
+
+    async def requeue(self) -> None:
+        """Settle: give the message back to the queue for a later delivery."""
+        ...
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message read back from a job's dead-letter queue."""
+
+    reason: str
+    detail: str
+    message_id: str | None
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    body: bytes = b""
+
+
+class Broker(Protocol):
+    """Topology, publishing and consuming of update messages, plus version announcements."""
+
+    async def declare_job(self, job: str, *, log_stream: bool = False) -> None:
+        """Create (idempotently) the job's update queue, dead-letter queue and bindings."""
+        ...
+
+    async def delete_job(self, job: str) -> None:
+        """Remove the job's queues (tests and `fedq job delete`)."""
+        ...
+
+    async def publish(self, header: UpdateHeader, body: bytes, *, timeout: float = 30.0) -> None:
+        """Publish an update persistently and wait for the broker's confirm.
+
+        Raises PublishError if unroutable or nacked; retries across a connection loss with
+        the same message id, so a duplicate at worst, never a loss.
+        """
+        ...
+
+    async def publish_raw(
+        self,
+        job: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, Any],
+        message_id: str | None,
+        timeout: float = 30.0,
+    ) -> None:
+        """Publish arbitrary headers and body to a job's routing key (tests, replay, fuzzing)."""
+        ...
+
+    def consume(
+        self, job: str, *, prefetch: int, idle_timeout: float | None = None
+    ) -> AsyncIterator[Delivery]:
+        """Yield deliveries from the job's update queue with manual acks.
+
+        With `idle_timeout`, stop after that many seconds without a message (drain mode);
+        otherwise run until the consuming task is cancelled.
+        """
+        ...
+
+    async def announce_version(self, job: str, version: int) -> None:
+        """Tell listeners on the versions fanout that `version` is committed (best effort)."""
+        ...
+
+    async def drain_dead_letters(self, job: str, *, timeout: float = 2.0) -> list[DeadLetter]:
+        """Remove and return every message now in the job's dead-letter queue."""
+        ...
+
+    async def queue_depth(self, job: str) -> tuple[int, int]:
+        """Return (ready messages, consumers) of the job's update queue."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class ModelStore(Protocol):
+    """One job's state: config, global versions, applied ids, blobs and evaluation results."""
+
+    job: str
+
+    async def create_job(self, config: JobConfig, model: bytes, meta: VersionMeta) -> None:
+        """Store the config and version 0; raise JobExists if the job is already there."""
+        ...
+
+    async def delete_job(self) -> None:
+        """Remove every key of the job."""
+        ...
+
+    async def get_config(self) -> JobConfig:
+        """Return the job's config; raise JobNotFound if there is none."""
+        ...
+
+    async def current_version(self) -> int:
+        """Return the latest committed version; raise JobNotFound if there is none."""
+        ...
+
+    async def get_model(self, version: int) -> bytes | None:
+        """Return a version's safetensors bytes, or None once it has been pruned."""
+        ...
+
+    async def get_meta(self, version: int) -> VersionMeta | None: ...
+
+    async def latest(self) -> tuple[int, bytes]:
+        """Return the latest version and its bytes, consistently, even while commits race."""
+        ...
+
+    async def commit(self, expected_version: int, model: bytes, meta: VersionMeta) -> None:
+        """Atomically move the job from `expected_version` to `meta.version` (= expected + 1).
+
+        Records `meta.contributors` as applied, appends to the versions stream and prunes
+        versions beyond the config's `versions_kept`. Raise VersionConflict (and change
+        nothing visible) if the current version is not `expected_version`.
+        """
+        ...
+
+    async def applied(self, update_ids: Sequence[str]) -> list[bool]:
+        """Whether each update id is already part of a committed version."""
+        ...
+
+    async def applied_count(self) -> int: ...
+
+    async def put_blob(self, update_id: str, data: bytes, ttl_seconds: int) -> None:
+        """Store a claim-check payload that expires after `ttl_seconds`."""
+        ...
+
+    async def get_blob(self, update_id: str) -> bytes | None: ...
+
+    async def delete_blobs(self, update_ids: Sequence[str]) -> None: ...
+
+    async def record_eval(self, version: int, metrics: Mapping[str, float]) -> None:
+        """Write evaluation metrics into a version's meta and remember the latest evaluated."""
+        ...
+
+    async def latest_eval(self) -> tuple[int, dict[str, float]] | None:
+        """Return (version, metrics) of the newest evaluated version, if any."""
+        ...
+
+    async def count_rejection(self, reason: str) -> None: ...
+
+    async def rejection_counts(self) -> dict[str, int]: ...
+
+    async def wait_for_version(self, after: int, timeout: float) -> int:
+        """Return the current version as soon as it exceeds `after`, or when `timeout` ends."""
+        ...
+
+    async def claim_device_index(self, device_id: str) -> int:
+        """Give each distinct device id a stable index 0, 1, 2, ... (first come first served)."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,48 @@
+"""Process settings, read once from `FEDQ_*` environment variables in each entrypoint."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class ConnectionSettings(BaseSettings):
+    """Where the broker and the store are; `memory://` selects the in-process peers."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDQ_", extra="ignore")
+
+    amqp_url: str = DEFAULT_AMQP_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    # Socket timeout for Redis commands: big model values need more than a cache's default.
+    redis_timeout_seconds: float = Field(default=120.0, gt=0)
+    publish_timeout_seconds: float = Field(default=60.0, gt=0)
+
+
+class AggregatorSettings(ConnectionSettings):
+    """Settings of `python -m aggregator`."""
+
+    job: str
+    # Unacked deliveries the broker may hand over at once; at least the strategy's buffer.
+    prefetch: int | None = Field(default=None, ge=1, le=65_535)
+    # Drain mode: exit after this many seconds without a message (tests, batch replays).
+    idle_exit_seconds: float | None = Field(default=None, gt=0)
+    log_level: str = "INFO"
+
+
+class AgentSettings(ConnectionSettings):
+    """Settings of `python -m device_agent` (a training device or the evaluator)."""
+
+    job: str
+    role: str = Field(default="agent", pattern="^(agent|evaluator)$")
+    # Empty means: derive from the hostname, which is distinct per container replica.
+    device_id: str = ""
+    updates: int | None = Field(default=None, ge=1)
+    num_devices: int | None = Field(default=None, ge=1)
+    dirichlet: float | None = Field(default=None, gt=0)
+    # Extra wall time as a multiple of the measured compute time (emulates slow hardware).
+    slowdown: float = Field(default=1.0, ge=1.0, le=1000.0)
+    max_versions: int | None = Field(default=None, ge=1)
+    log_level: str = "INFO"

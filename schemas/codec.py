@@ -1,0 +1,129 @@
+"""The one tensor codec: `{name: tensor}` <-> safetensors bytes, and update validation.
+
+Why not pickle (torch.save/torch.load, numpy allow_pickle): unpickling runs code chosen by
+whoever wrote the bytes, and every byte here comes from a device we do not control.
+safetensors is a flat JSON header plus raw little-endian buffers: parsing it can fail, but
+it cannot execute anything. NEVER replace it with torch.load, not even with weights_only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+from schemas.errors import RejectReason, Rejection
+from schemas.messages import Codec, TensorSpec
+
+Tensors = Mapping[str, torch.Tensor]
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.uint8: "uint8",
+    torch.bool: "bool",
+}
+_CODEC_DTYPES: dict[Codec, torch.dtype | None] = {
+    "none": None,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Name a torch dtype as the model schema spells it."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} is not supported on the wire") from None
+
+
+def schema_of(tensors: Tensors) -> dict[str, TensorSpec]:
+    """Describe a state dict as the `{name: TensorSpec}` schema a job stores."""
+    return {
+        name: TensorSpec(shape=tuple(t.shape), dtype=dtype_name(t.dtype))  # type: ignore[arg-type]
+        for name, t in tensors.items()
+    }
+
+
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    """Hash payload bytes the way headers and version metadata record them."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def encode(tensors: Tensors, codec: Codec = "none") -> bytes:
+    """Serialize tensors to safetensors bytes, casting floating tensors as the codec says."""
+    wire_dtype = _CODEC_DTYPES[codec]
+    prepared: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        t = tensor.detach()
+        if wire_dtype is not None and t.is_floating_point():
+            t = t.to(wire_dtype)
+        prepared[name] = t.contiguous().cpu()
+    return bytes(_st_save(prepared))
+
+
+def decode(data: bytes) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes into tensors; anything else is a MALFORMED_PAYLOAD rejection."""
+    if len(data) < 8:
+        raise Rejection(RejectReason.MALFORMED_PAYLOAD, f"{len(data)} bytes is too short")
+    try:
+        return _st_load(bytes(data))
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
+        raise Rejection(RejectReason.MALFORMED_PAYLOAD, f"not safetensors: {exc}") from None
+
+
+def validate(tensors: Tensors, schema: Mapping[str, TensorSpec], codec: Codec = "none") -> None:
+    """Check exact key set, shapes, wire dtypes and finiteness against the job's schema."""
+    missing = schema.keys() - tensors.keys()
+    extra = tensors.keys() - schema.keys()
+    if missing or extra:
+        raise Rejection(
+            RejectReason.WRONG_KEYS,
+            f"missing {sorted(missing)[:5]} extra {sorted(extra)[:5]}",
+        )
+    wire_dtype = _CODEC_DTYPES[codec]
+    for name, spec in schema.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != spec.shape:
+            raise Rejection(
+                RejectReason.WRONG_SHAPE, f"{name}: {tuple(tensor.shape)} != {spec.shape}"
+            )
+        expected = spec.dtype
+        if wire_dtype is not None and spec.dtype in ("float32", "float64", "float16", "bfloat16"):
+            expected = dtype_name(wire_dtype)
+        if dtype_name(tensor.dtype) != expected:
+            raise Rejection(
+                RejectReason.WRONG_DTYPE, f"{name}: {dtype_name(tensor.dtype)} != {expected}"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise Rejection(RejectReason.NON_FINITE, f"{name} holds NaN or Inf")
+
+
+def restore_dtypes(tensors: Tensors, schema: Mapping[str, TensorSpec]) -> dict[str, torch.Tensor]:
+    """Cast validated wire tensors back to the dtypes of the job's schema (undo fp16/bf16)."""
+    return {name: t.to(_dtype_from_name(schema[name].dtype)) for name, t in tensors.items()}
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    for dtype, dname in _DTYPE_NAMES.items():
+        if dname == name:
+            return dtype
+    raise ValueError(f"unknown dtype name {name!r}")
+
+
+def decode_validated(
+    data: bytes, schema: Mapping[str, TensorSpec], codec: Codec = "none"
+) -> dict[str, torch.Tensor]:
+    """Decode, validate and restore an update payload in one call (run it off the event loop)."""
+    tensors = decode(data)
+    validate(tensors, schema, codec)
+    return restore_dtypes(tensors, schema)

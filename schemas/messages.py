@@ -1,0 +1,151 @@
+"""Pydantic wire contracts: the update header, the job config and a version's metadata.
+
+Every model is frozen and strict, and every string, number and collection is bounded, so a
+hostile header costs a bounded amount of memory and is rejected with a field-level error.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+# Identifiers double as AMQP routing keys and Redis key parts: keep them to a safe alphabet.
+JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+DeviceId = Annotated[
+    str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$")
+]
+UpdateId = Annotated[
+    str,
+    Field(
+        min_length=36,
+        max_length=36,
+        pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+    ),
+]
+Sha256Hex = Annotated[str, Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")]
+Version = Annotated[int, Field(ge=0, le=2**53)]
+MetricName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-1e30, le=1e30)]
+Metrics = Annotated[dict[MetricName, FiniteFloat], Field(max_length=32)]
+Timestamp = Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)]
+
+MAX_PAYLOAD_BYTES = 2**40
+UpdateKind = Literal["delta", "weights"]
+Codec = Literal["none", "fp16", "bf16"]
+PayloadMode = Literal["inline", "blob"]
+DType = Literal["float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+
+class UpdateHeader(_Frozen):
+    """The AMQP headers of one model update (the body holds the encoded tensors)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job: JobId
+    update_id: UpdateId
+    device_id: DeviceId
+    base_version: Version
+    num_samples: int = Field(ge=1, le=10**9)
+    kind: UpdateKind = "delta"
+    codec: Codec = "none"
+    payload: PayloadMode = "inline"
+    payload_sha256: Sha256Hex
+    payload_bytes: int = Field(ge=0, le=MAX_PAYLOAD_BYTES)
+    train_metrics: Metrics = Field(default_factory=dict)
+    sent_at: Timestamp
+    signature: str | None = Field(default=None, max_length=512)
+
+
+class TensorSpec(_Frozen):
+    """The shape and dtype one named tensor of the model must have."""
+
+    shape: tuple[Annotated[int, Field(ge=0, le=2**31)], ...] = Field(max_length=8)
+    dtype: DType
+
+
+class StalenessConfig(_Frozen):
+    """Which staleness function s(tau) weights an update, and its parameters."""
+
+    name: Literal["constant", "polynomial", "hinge", "sqrt"] = "polynomial"
+    a: float = Field(default=0.5, ge=0, le=100)
+    b: int = Field(default=4, ge=0, le=10_000)
+
+
+class StrategyConfig(_Frozen):
+    """How the aggregator folds updates into the global model."""
+
+    name: Literal["fedasync", "fedbuff", "fedavg"] = "fedbuff"
+    staleness: StalenessConfig = StalenessConfig()
+    max_staleness: int = Field(default=20, ge=0, le=10_000)
+    # FedAsync mixing weight alpha (scaled by s(tau)).
+    alpha: float = Field(default=0.6, gt=0, le=1)
+    # FedBuff buffer size K; FedAvg waits for this many updates per round.
+    buffer_size: int = Field(default=4, ge=1, le=10_000)
+    server_lr: float = Field(default=1.0, gt=0, le=1000)
+    server_optimizer: Literal["none", "fedavgm", "fedadam", "fedyogi"] = "none"
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0, le=1)
+    weighting: Literal["samples", "uniform"] = "samples"
+
+
+class TrainingConfig(_Frozen):
+    """How every device of the job trains locally and how the data is split among them."""
+
+    local_epochs: int = Field(default=2, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=65_536)
+    lr: float = Field(default=0.05, gt=0, le=100)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    prox_mu: float = Field(default=0.0, ge=0, le=100)
+    num_devices: int = Field(default=8, ge=1, le=1_000_000)
+    dirichlet_alpha: float = Field(default=0.5, gt=0, le=1e6)
+    seed: int = Field(default=0, ge=0, le=2**31)
+
+
+class JobConfig(_Frozen):
+    """Everything the aggregator and agents of one job agree on, stored at `fedq:{J}:config`."""
+
+    job: JobId
+    task: str = Field(min_length=1, max_length=64)
+    strategy: StrategyConfig = StrategyConfig()
+    training: TrainingConfig = TrainingConfig()
+    model_schema: dict[Annotated[str, Field(max_length=256)], TensorSpec] = Field(
+        min_length=1, max_length=100_000
+    )
+    inline_limit_bytes: int = Field(default=4 * 2**20, ge=0, le=128 * 2**20)
+    max_update_bytes: int = Field(default=2**30, ge=1, le=MAX_PAYLOAD_BYTES)
+    keep_versions: int = Field(default=4, ge=2, le=10_000)
+    blob_ttl_seconds: int = Field(default=3600, ge=1, le=30 * 86400)
+    created_at: Timestamp
+
+    @property
+    def versions_kept(self) -> int:
+        """How many versions the store keeps: enough for FedAsync to find any admitted base."""
+        return max(self.keep_versions, self.strategy.max_staleness + 1)
+
+
+class VersionMeta(_Frozen):
+    """What went into one committed global version, stored at `fedq:{J}:meta:{v}`."""
+
+    version: Version
+    created_at: Timestamp
+    sha256: Sha256Hex
+    model_bytes: int = Field(ge=0, le=MAX_PAYLOAD_BYTES)
+    contributors: list[UpdateId] = Field(default_factory=list, max_length=100_000)
+    devices: list[DeviceId] = Field(default_factory=list, max_length=100_000)
+    staleness: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=100_000)
+    num_samples: int = Field(default=0, ge=0)
+    eval: Metrics | None = None
+
+    @model_validator(mode="after")
+    def _one_entry_per_contributor(self) -> VersionMeta:
+        if not len(self.contributors) == len(self.devices) == len(self.staleness):
+            raise ValueError("contributors, devices and staleness must have equal lengths")
+        return self
