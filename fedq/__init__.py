@@ -1,0 +1,1 @@
+"""fedq: asynchronous federated learning over RabbitMQ and Redis. The CLI composes it all."""

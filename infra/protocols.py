@@ -26,6 +26,7 @@ class Delivery(Protocol):
     def headers(self) -> Mapping[str, Any]:
         """Raw AMQP headers, not yet validated (bytes values are left as they arrived)."""
         ...
+
     @property
     def body(self) -> bytes: ...
     @property

@@ -1,6 +1,6 @@
 """Wire contracts and the tensor codec; imports nothing else of fedq and does no I/O."""
 
-from schemas.errors import RejectReason, Rejection
+from schemas.errors import Rejection, RejectReason
 from schemas.messages import (
     SCHEMA_VERSION,
     JobConfig,

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from schemas.errors import RejectReason, Rejection
+from schemas.errors import Rejection, RejectReason
 from schemas.messages import Codec, TensorSpec
 
 Tensors = Mapping[str, torch.Tensor]
@@ -97,7 +97,7 @@ def validate(tensors: Tensors, schema: Mapping[str, TensorSpec], codec: Codec = 
             raise Rejection(
                 RejectReason.WRONG_SHAPE, f"{name}: {tuple(tensor.shape)} != {spec.shape}"
             )
-        expected = spec.dtype
+        expected: str = spec.dtype
         if wire_dtype is not None and spec.dtype in ("float32", "float64", "float16", "bfloat16"):
             expected = dtype_name(wire_dtype)
         if dtype_name(tensor.dtype) != expected:

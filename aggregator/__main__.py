@@ -1,0 +1,29 @@
+"""Container entrypoint: `python -m aggregator`, configured by FEDQ_* environment variables."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from aggregator.runner import serve
+from aggregator.service import Fenced
+from infra.settings import AggregatorSettings
+
+
+def main() -> int:
+    """Run the aggregator until SIGTERM; exit 3 when fenced by another aggregator."""
+    settings = AggregatorSettings()  # FEDQ_JOB is required: pydantic-settings reads it
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(serve(settings))
+    except Fenced as exc:
+        logging.getLogger("aggregator").error("fenced: %s", exc)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

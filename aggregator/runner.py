@@ -1,0 +1,43 @@
+"""Run the aggregator as a service: connect, consume until SIGTERM, close cleanly."""
+
+from __future__ import annotations
+
+import logging
+
+from aggregator.service import Aggregator, AggregatorStats
+from infra.connect import MemoryBackends, open_broker, open_store
+from infra.lifecycle import stop_on_signals
+from infra.settings import AggregatorSettings
+
+log = logging.getLogger(__name__)
+
+
+async def serve(
+    settings: AggregatorSettings, memory: MemoryBackends | None = None
+) -> AggregatorStats:
+    """Run one aggregator for `settings.job` until SIGTERM/SIGINT, fencing, or idle drain."""
+    broker = await open_broker(settings, memory)
+    store = open_store(settings, settings.job, memory)
+    try:
+        async with Aggregator(
+            job=settings.job,
+            broker=broker,
+            store=store,
+            prefetch=settings.prefetch,
+            idle_timeout=settings.idle_exit_seconds,
+        ) as aggregator:
+            # In-process (memory://) components belong to `fedq simulate`, which owns signals.
+            with stop_on_signals(aggregator.stop, enabled=memory is None):
+                stats = await aggregator.run()
+    finally:
+        await store.close()
+        await broker.close()
+    log.info(
+        "aggregator stopped: %d received, %d applied, %d duplicates, rejected %s, %d versions",
+        stats.received,
+        stats.applied,
+        stats.duplicates,
+        stats.rejected,
+        stats.versions,
+    )
+    return stats

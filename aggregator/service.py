@@ -1,0 +1,286 @@
+"""The aggregator service: consume -> validate -> strategy -> commit -> ack.
+
+Acks are late: a delivery is settled only after what it caused is durable (its version is
+committed, or it is known to be a duplicate, or it was copied to the dead-letter queue).
+A crash at any point therefore costs redeliveries, never updates, and the `applied` set in
+Redis turns those redeliveries into no-ops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+
+from aggregator.strategies import Contribution, Receipt, Strategy, build_strategy
+from aggregator.validation import check_payload, check_sizes, parse_header
+from infra.errors import BackendUnavailable, VersionConflict
+from infra.protocols import Broker, Delivery, ModelStore
+from infra.retry import retry_unavailable
+from schemas import JobConfig, Rejection, RejectReason, UpdateHeader, VersionMeta
+from schemas.codec import decode, decode_validated, encode, sha256_hex
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Model = dict[str, torch.Tensor]
+_BASE_CACHE_SIZE = 3
+
+
+class Fenced(Exception):
+    """Another aggregator committed the version this one was about to commit."""
+
+
+@dataclass
+class AggregatorStats:
+    """Counters of one aggregator run (the durable counts live in the store)."""
+
+    received: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    versions: int = 0
+
+
+class Aggregator:
+    """Fold one job's updates into its global model and commit each new version.
+
+    Use as an async context manager, then `await run()`; `stop()` (e.g. from SIGTERM) ends
+    the loop after the update in hand, leaving buffered updates unacked for redelivery.
+    """
+
+    def __init__(
+        self,
+        *,
+        job: str,
+        broker: Broker,
+        store: ModelStore,
+        prefetch: int | None = None,
+        idle_timeout: float | None = None,
+        retry_seconds: float = 1.0,
+    ) -> None:
+        self.job = job
+        self.broker = broker
+        self.store = store
+        self.stats = AggregatorStats()
+        self._prefetch = prefetch
+        self._idle_timeout = idle_timeout
+        self._retry_seconds = retry_seconds
+        self._stopping = asyncio.Event()
+        self._pending: dict[str, Delivery] = {}
+        self._base_cache: dict[int, Model] = {}
+        self.config: JobConfig
+        self.strategy: Strategy
+        self.model: Model
+        self.version: int
+
+    async def __aenter__(self) -> Aggregator:
+        self.config = await self.store.get_config()
+        self.strategy = build_strategy(self.config.strategy)
+        self.version, model_bytes = await self.store.latest()
+        self.model = await asyncio.to_thread(decode, model_bytes)
+        await self.broker.declare_job(self.job)
+        log.info(
+            "aggregator for job %s starts at version %d with %s",
+            self.job,
+            self.version,
+            self.config.strategy.name,
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # Buffered deliveries are left unacked: closing the consumer returns them to the queue.
+        self._pending.clear()
+        self.strategy.reset()
+
+    @property
+    def prefetch(self) -> int:
+        """Unacked deliveries to allow: a whole buffer must fit, or the buffer can never fill."""
+        floor = self.config.strategy.buffer_size + 1
+        return max(self._prefetch or 2 * floor, floor)
+
+    def stop(self) -> None:
+        """Ask the loop to end after the update in hand."""
+        self._stopping.set()
+
+    async def run(self) -> AggregatorStats:
+        """Consume until stopped, fenced, or idle for `idle_timeout` seconds (drain mode)."""
+        deliveries = self.broker.consume(
+            self.job, prefetch=self.prefetch, idle_timeout=self._idle_timeout
+        )
+        stop_wait = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                next_delivery = asyncio.ensure_future(anext(deliveries))
+                await asyncio.wait({next_delivery, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_delivery.done():
+                    next_delivery.cancel()
+                    break
+                try:
+                    delivery = next_delivery.result()
+                except StopAsyncIteration:
+                    break
+                await self.handle(delivery)
+        finally:
+            stop_wait.cancel()
+            await deliveries.aclose()  # type: ignore[attr-defined]
+        return self.stats
+
+    async def handle(self, delivery: Delivery) -> None:
+        """Process one delivery to its end: applied, buffered, skipped or dead-lettered."""
+        self.stats.received += 1
+        try:
+            await self._fold(delivery)
+        except Rejection as rejection:
+            await self._dead_letter(delivery, rejection)
+
+    async def _fold(self, delivery: Delivery) -> None:
+        header = parse_header(delivery.headers, self.job)
+        if await self._is_duplicate(header.update_id, delivery):
+            return
+        verdict = self.strategy.admit(
+            base_version=header.base_version, version=self.version, device_id=header.device_id
+        )
+        if verdict is not None:
+            raise Rejection(*verdict)
+        check_sizes(header, delivery.body, self.config)
+        payload = delivery.body if header.payload == "inline" else await self._blob(header)
+        check_payload(header, payload)
+        tensors = await asyncio.to_thread(
+            decode_validated, payload, self.config.model_schema, header.codec
+        )
+        contribution = await self._contribution(header, tensors)
+        if self.strategy.needs_base_model and self.version not in self._base_cache:
+            # `add` changes the model in place; later stale updates still need this version.
+            self._remember_base(self.version, {k: v.clone() for k, v in self.model.items()})
+        self._pending[header.update_id] = delivery
+        try:
+            receipts = await asyncio.to_thread(self.strategy.add, self.model, contribution)
+        except BaseException:
+            del self._pending[header.update_id]
+            raise
+        if receipts is not None:
+            await self._commit(receipts)
+
+    async def _is_duplicate(self, update_id: str, delivery: Delivery) -> bool:
+        [already_applied] = await self._retry(lambda: self.store.applied([update_id]))
+        if already_applied:
+            self.stats.duplicates += 1
+            log.info("update %s already applied: acking the duplicate", update_id)
+            await _settle(delivery.ack())
+            return True
+        held = self._pending.get(update_id)
+        if held is not None:
+            # Same update delivered again while buffered (a republish, or a redelivery after
+            # a reconnect made the old delivery tag stale): keep the newest, settle the old.
+            self.stats.duplicates += 1
+            self._pending[update_id] = delivery
+            await _settle(held.ack())
+            return True
+        return False
+
+    async def _blob(self, header: UpdateHeader) -> bytes:
+        blob = await self._retry(lambda: self.store.get_blob(header.update_id))
+        if blob is None:
+            raise Rejection(RejectReason.BLOB_MISSING, f"no claim-check blob {header.update_id}")
+        return blob
+
+    async def _contribution(self, header: UpdateHeader, tensors: Model) -> Contribution:
+        base = None
+        if self.strategy.needs_base_model or header.kind == "weights":
+            base = await self._base_model(header.base_version)
+        delta = tensors
+        if header.kind == "weights":
+            assert base is not None
+            # Only floating tensors are folded; the others keep the global value anyway.
+            delta = {n: t - base[n] if t.is_floating_point() else t for n, t in tensors.items()}
+        receipt = Receipt(
+            update_id=header.update_id,
+            device_id=header.device_id,
+            staleness=self.version - header.base_version,
+            num_samples=header.num_samples,
+        )
+        return Contribution(
+            receipt=receipt, base_version=header.base_version, delta=delta, base_model=base
+        )
+
+    async def _base_model(self, version: int) -> Model:
+        if version == self.version:
+            return self.model
+        cached = self._base_cache.get(version)
+        if cached is not None:
+            return cached
+        data = await self._retry(lambda: self.store.get_model(version))
+        if data is None:
+            raise Rejection(RejectReason.TOO_STALE, f"base version {version} is no longer kept")
+        model = await asyncio.to_thread(decode, data)
+        self._remember_base(version, model)
+        return model
+
+    def _remember_base(self, version: int, model: Model) -> None:
+        """Cache a few decoded base versions; bounded, since each one is a whole model."""
+        self._base_cache[version] = model
+        for old in sorted(self._base_cache)[:-_BASE_CACHE_SIZE]:
+            del self._base_cache[old]
+
+    async def _commit(self, receipts: list[Receipt]) -> None:
+        model_bytes = await asyncio.to_thread(encode, self.model)
+        new_version = self.version + 1
+        meta = VersionMeta(
+            version=new_version,
+            created_at=time.time(),
+            sha256=sha256_hex(model_bytes),
+            model_bytes=len(model_bytes),
+            contributors=[r.update_id for r in receipts],
+            devices=[r.device_id for r in receipts],
+            staleness=[r.staleness for r in receipts],
+            num_samples=sum(r.num_samples for r in receipts),
+        )
+        try:
+            await self._retry(lambda: self.store.commit(self.version, model_bytes, meta))
+        except VersionConflict:
+            raise Fenced(
+                f"version {new_version} of job {self.job} was committed elsewhere"
+            ) from None
+        self.version = new_version
+        self.stats.versions += 1
+        self.stats.applied += len(receipts)
+        log.info(
+            "committed version %d of job %s from %d updates (staleness %s)",
+            new_version,
+            self.job,
+            len(receipts),
+            meta.staleness,
+        )
+        for receipt in receipts:
+            delivery = self._pending.pop(receipt.update_id)
+            await _settle(delivery.ack())
+        await self._retry(lambda: self.store.delete_blobs(meta.contributors))
+        await self.broker.announce_version(self.job, new_version)
+
+    async def _dead_letter(self, delivery: Delivery, rejection: Rejection) -> None:
+        reason = rejection.reason.value
+        self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+        log.warning(
+            "dead-lettering message %s of job %s: %s", delivery.message_id, self.job, rejection
+        )
+        await self._retry(lambda: delivery.dead_letter(reason, rejection.detail))
+        await self._retry(lambda: self.store.count_rejection(reason))
+
+    async def _retry(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Wait out a backend outage; nothing is acked around it."""
+        return await retry_unavailable(
+            operation, first_delay=self._retry_seconds, give_up=self._stopping
+        )
+
+
+async def _settle(settling: Awaitable[None]) -> None:
+    """Ack a delivery whose effect is durable; a failed ack only costs a redelivery."""
+    try:
+        await settling
+    except BackendUnavailable as exc:
+        log.warning("ack failed (%s): the update will be redelivered and skipped", exc)

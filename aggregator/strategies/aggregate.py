@@ -1,0 +1,97 @@
+"""The arithmetic of aggregation over `{name: tensor}` state dicts, matched by key.
+
+Only floating-point entries are folded. Integer and bool entries (BatchNorm's
+`num_batches_tracked`, masks) are counters or structure, not parameters to average, so the
+global model keeps its own value for them and they may be absent from deltas and sums.
+
+Every function checks all keys and shapes before it writes anything, so a mismatch leaves the
+destination untouched rather than half-updated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, MutableMapping
+
+import torch
+from torch import Tensor
+
+Tensors = Mapping[str, Tensor]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Pick the dtype in which sums and optimizer state for `dtype` entries are kept."""
+    # A running sum of many half-precision deltas kept in half precision loses their low bits.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_keys(expected: Iterable[str], actual: Iterable[str]) -> None:
+    """Raise KeyError naming the first key missing from or unexpected in `actual`."""
+    expected_set, actual_set = set(expected), set(actual)
+    missing = sorted(expected_set - actual_set)
+    if missing:
+        raise KeyError(f"missing key {missing[0]!r} ({len(missing)} missing)")
+    unexpected = sorted(actual_set - expected_set)
+    if unexpected:
+        raise KeyError(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+
+
+def _floating_keys(tensors: Tensors) -> list[str]:
+    return [name for name, t in tensors.items() if t.is_floating_point()]
+
+
+def folded_pairs(dst: Tensors, src: Tensors) -> list[tuple[str, Tensor, Tensor]]:
+    """Pair the floating entries of `dst` and `src` by key, checking keys and shapes first."""
+    keys = _floating_keys(dst)
+    check_keys(keys, _floating_keys(src))
+    pairs: list[tuple[str, Tensor, Tensor]] = []
+    for name in keys:
+        d, s = dst[name], src[name]
+        # In-place ops broadcast silently; a (1,) delta must not spread over a (3,) weight.
+        if d.shape != s.shape:
+            raise ValueError(f"shape mismatch at {name!r}: {tuple(d.shape)} vs {tuple(s.shape)}")
+        pairs.append((name, d, s))
+    return pairs
+
+
+def zeros_like(model: Tensors) -> dict[str, Tensor]:
+    """Return zeros for every floating entry of `model`, in its accumulation dtype."""
+    return {
+        name: torch.zeros_like(t, dtype=accumulation_dtype(t.dtype))
+        for name, t in model.items()
+        if t.is_floating_point()
+    }
+
+
+def accumulate_(acc: MutableMapping[str, Tensor], delta: Tensors, weight: float) -> None:
+    """Add `weight * delta` to `acc` in place."""
+    for _, a, d in folded_pairs(acc, delta):
+        a.add_(d, alpha=weight)
+
+
+def apply_delta_(model: MutableMapping[str, Tensor], delta: Tensors, scale: float = 1.0) -> None:
+    """Add `scale * delta` to the floating entries of `model` in place."""
+    for _, m, d in folded_pairs(model, delta):
+        m.add_(d, alpha=scale)
+
+
+def mix_(model: MutableMapping[str, Tensor], target: Tensors, alpha: float) -> None:
+    """Set model <- (1 - alpha) model + alpha target, in place."""
+    for _, m, t in folded_pairs(model, target):
+        m.lerp_(t.to(m.dtype), alpha)
+
+
+def scale_(tensors: MutableMapping[str, Tensor], factor: float) -> None:
+    """Multiply the floating entries of `tensors` by `factor` in place."""
+    for t in tensors.values():
+        if t.is_floating_point():
+            t.mul_(factor)
+
+
+def scaled(tensors: Tensors, factor: float) -> dict[str, Tensor]:
+    """Return `factor * tensors` for the floating entries, leaving the input untouched."""
+    return {name: t * factor for name, t in tensors.items() if t.is_floating_point()}
+
+
+def added(base: Tensors, delta: Tensors) -> dict[str, Tensor]:
+    """Return `base + delta` for the floating entries, in the base's dtypes, as new tensors."""
+    return {name: b + d.to(b.dtype) for name, b, d in folded_pairs(base, delta)}

@@ -1,0 +1,147 @@
+"""The strategy interface, the records it exchanges with the service, and shared admission rules.
+
+A strategy owns no I/O: the service decodes and validates an update, asks `admit`, hands the
+delta to `add`, and commits whatever model `add` says is a new version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+from aggregator.strategies.aggregate import accumulate_, check_keys, scale_, zeros_like
+from aggregator.strategies.staleness import within_max_staleness
+from schemas.errors import RejectReason
+
+Admission = tuple[RejectReason, str] | None
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a committed version records about one update that went into it."""
+
+    update_id: str
+    device_id: str
+    staleness: int
+    num_samples: int
+
+    def __post_init__(self) -> None:
+        if self.staleness < 0:
+            raise ValueError(f"staleness must be >= 0, got {self.staleness}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One admitted update: its receipt, the version it started from and its delta."""
+
+    receipt: Receipt
+    base_version: int
+    # x_k - x_base, already in the model's dtypes.
+    delta: Mapping[str, Tensor]
+    # x_base, given only when the strategy's `needs_base_model` is true.
+    base_model: Mapping[str, Tensor] | None = None
+
+
+class Strategy(Protocol):
+    """Fold admitted updates into the global model and say when a new version results."""
+
+    name: str
+    needs_base_model: bool
+
+    def admit(self, *, base_version: int, version: int, device_id: str) -> Admission:
+        """Say why an update with this base may not be folded now (reason, detail), or None."""
+        ...
+
+    def add(
+        self, model: MutableMapping[str, Tensor], contribution: Contribution
+    ) -> list[Receipt] | None:
+        """Fold one admitted update; on a new version, update `model` and return its receipts."""
+        ...
+
+    def pending(self) -> list[str]:
+        """List the update ids folded into the buffer but not yet part of a returned version."""
+        ...
+
+    def reset(self) -> None:
+        """Forget the buffer (the service calls it when it gives its deliveries back)."""
+        ...
+
+
+def admit_future(*, base_version: int, version: int) -> Admission:
+    """Refuse a base version the global model has not reached."""
+    if base_version > version:
+        return (
+            RejectReason.FUTURE_BASE_VERSION,
+            f"base version {base_version} is ahead of the current version {version}",
+        )
+    return None
+
+
+def admit_async(*, base_version: int, version: int, max_staleness: int) -> Admission:
+    """Refuse a future base, or one more than `max_staleness` versions behind."""
+    refusal = admit_future(base_version=base_version, version=version)
+    if refusal is not None:
+        return refusal
+    tau = version - base_version
+    if not within_max_staleness(tau, max_staleness):
+        return (RejectReason.TOO_STALE, f"staleness {tau} exceeds max_staleness {max_staleness}")
+    return None
+
+
+class WeightedBuffer:
+    """A running weighted sum of deltas with the receipts in it; memory stays O(model)."""
+
+    def __init__(self) -> None:
+        self._sum: dict[str, Tensor] | None = None
+        self._weight = 0.0
+        self._receipts: list[Receipt] = []
+        self._ids: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._receipts)
+
+    def add(
+        self,
+        model: Mapping[str, Tensor],
+        contribution: Contribution,
+        weight: float,
+        factor: float = 1.0,
+    ) -> None:
+        """Add `weight * factor * delta` to the sum and `weight` to the total weight."""
+        receipt = contribution.receipt
+        # A redelivered update still in the buffer would otherwise count twice.
+        if receipt.update_id in self._ids:
+            raise ValueError(f"update {receipt.update_id} is already in the buffer")
+        check_keys(model, contribution.delta)
+        if self._sum is None:
+            self._sum = zeros_like(model)
+        accumulate_(self._sum, contribution.delta, weight * factor)
+        self._weight += weight
+        self._receipts.append(receipt)
+        self._ids.add(receipt.update_id)
+
+    def take_mean(self) -> tuple[dict[str, Tensor], list[Receipt]]:
+        """Return sum / total weight and the receipts, and empty the buffer."""
+        if self._sum is None or self._weight <= 0:
+            raise ValueError("the buffer is empty")
+        mean, receipts = self._sum, self._receipts
+        # The sum is ours and dropped right after, so dividing in place saves a model copy.
+        scale_(mean, 1.0 / self._weight)
+        self.clear()
+        return mean, receipts
+
+    def pending(self) -> list[str]:
+        """List the update ids in the buffer, oldest first."""
+        return [r.update_id for r in self._receipts]
+
+    def clear(self) -> None:
+        """Drop the sum and the receipts."""
+        self._sum = None
+        self._weight = 0.0
+        self._receipts = []
+        self._ids = set()

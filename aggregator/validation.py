@@ -1,0 +1,77 @@
+"""Turn a raw delivery into a checked header and payload, or a Rejection with its reason.
+
+Everything here is pure apart from the blob fetch the caller does between the two steps:
+`parse_header` first (cheap, before any payload is touched), `check_payload` on the bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from schemas import JobConfig, Rejection, RejectReason, UpdateHeader
+from schemas.codec import sha256_hex
+
+# Headers added by the broker (x-delivery-count on quorum queues, x-death) or by our own
+# dead-lettering are transport metadata, not part of the update header.
+_TRANSPORT_PREFIX = "x-"
+_MAX_HEADERS = 64
+
+
+def parse_header(raw: Mapping[str, Any], job: str) -> UpdateHeader:
+    """Validate raw AMQP headers as an UpdateHeader addressed to `job`."""
+    fields = {k: v for k, v in raw.items() if not k.startswith(_TRANSPORT_PREFIX)}
+    if len(fields) > _MAX_HEADERS:
+        raise Rejection(RejectReason.MALFORMED_HEADER, f"{len(fields)} headers is too many")
+    try:
+        header = UpdateHeader.model_validate({k: _text(v) for k, v in fields.items()})
+    except (ValidationError, UnicodeDecodeError) as exc:
+        raise Rejection(RejectReason.MALFORMED_HEADER, _short(exc)) from None
+    if header.job != job:
+        raise Rejection(RejectReason.UNKNOWN_JOB, f"header job {header.job!r} on queue of {job!r}")
+    return header
+
+
+def check_sizes(header: UpdateHeader, body: bytes, config: JobConfig) -> None:
+    """Refuse an update whose declared size is over the job's limit or disagrees with the body."""
+    if header.payload_bytes > config.max_update_bytes:
+        raise Rejection(
+            RejectReason.OVERSIZED,
+            f"{header.payload_bytes} bytes > limit {config.max_update_bytes}",
+        )
+    if header.payload == "blob" and body:
+        raise Rejection(RejectReason.UNEXPECTED_BODY, "a claim-check update must have no body")
+    if header.payload == "inline" and len(body) != header.payload_bytes:
+        raise Rejection(
+            RejectReason.SIZE_MISMATCH,
+            f"body has {len(body)} bytes, header says {header.payload_bytes}",
+        )
+
+
+def check_payload(header: UpdateHeader, payload: bytes) -> None:
+    """Check the payload (inline body or fetched blob) against the header's size and hash."""
+    if len(payload) != header.payload_bytes:
+        raise Rejection(
+            RejectReason.SIZE_MISMATCH,
+            f"payload has {len(payload)} bytes, header says {header.payload_bytes}",
+        )
+    if sha256_hex(payload) != header.payload_sha256:
+        raise Rejection(RejectReason.HASH_MISMATCH, "payload sha256 differs from the header's")
+
+
+def _text(value: Any) -> Any:
+    """Decode byte strings as strict UTF-8; AMQP long strings may arrive as bytes."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8")
+    if isinstance(value, dict):
+        return {_text(k): _text(v) for k, v in value.items()}
+    return value
+
+
+def _short(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        errors = exc.errors(include_url=False, include_input=False)
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
+    return str(exc)

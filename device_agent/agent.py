@@ -1,0 +1,158 @@
+"""The device agent loop: fetch the latest global version, train on the local shard, publish."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import torch
+
+from device_agent.partition import device_shard
+from device_agent.sender import build_update, send_update
+from device_agent.tasks import get_task
+from device_agent.training import train_local
+from infra.protocols import Broker, ModelStore
+from infra.retry import retry_unavailable
+from schemas import JobConfig
+from schemas.codec import decode
+from schemas.messages import Codec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class DeviceAgent:
+    """Train one device's shard against a job, round after round, until stopped or done.
+
+    `slowdown` > 1 makes the device honestly slow: after really training, it waits
+    (slowdown - 1) x its measured compute time before publishing.
+    """
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        broker: Broker,
+        store: ModelStore,
+        updates: int | None = None,
+        num_devices: int | None = None,
+        dirichlet: float | None = None,
+        slowdown: float = 1.0,
+        codec: Codec = "none",
+        retry_seconds: float = 1.0,
+    ) -> None:
+        self.device_id = device_id
+        self.broker = broker
+        self.store = store
+        self.updates = updates
+        self.slowdown = slowdown
+        self.codec: Codec = codec
+        self.sent = 0
+        self._num_devices = num_devices
+        self._dirichlet = dirichlet
+        self._retry_seconds = retry_seconds
+        self._stopping = asyncio.Event()
+        self.config: JobConfig
+        self.device_index: int
+
+    async def __aenter__(self) -> DeviceAgent:
+        self.config = await self._retry(self.store.get_config)
+        training = self.config.training
+        task = get_task(self.config.task)
+        data = await asyncio.to_thread(task.load_data, training.seed)
+        self.device_index = await self._retry(lambda: self.store.claim_device_index(self.device_id))
+        num_devices = self._num_devices or training.num_devices
+        shard = device_shard(
+            data.y_train.numpy(),
+            self.device_index,
+            num_devices,
+            self._dirichlet or training.dirichlet_alpha,
+            training.seed,
+        )
+        index = torch.as_tensor(shard, dtype=torch.long)
+        self.x, self.y = data.x_train[index], data.y_train[index]
+        self.model = task.build_model(training.seed)
+        log.info(
+            "device %s (index %d of %d) joins job %s with %d samples",
+            self.device_id,
+            self.device_index % num_devices,
+            num_devices,
+            self.config.job,
+            len(self.y),
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    @property
+    def synchronous(self) -> bool:
+        """FedAvg is the synchronous baseline: a device trains once per global version."""
+        return self.config.strategy.name == "fedavg"
+
+    def stop(self) -> None:
+        """End the loop after the round in hand has been published."""
+        self._stopping.set()
+
+    async def run(self) -> int:
+        """Train and publish until stopped or `updates` are sent; return how many were sent."""
+        last_base = -1
+        while not self._stopping.is_set() and (self.updates is None or self.sent < self.updates):
+            if self.synchronous and last_base >= 0:
+                await self._wait_for_version_after(last_base)
+            version, model_bytes = await self._retry(self.store.latest)
+            if self.synchronous and version == last_base:
+                continue
+            await self.train_and_publish(version, model_bytes)
+            last_base = version
+        return self.sent
+
+    async def _wait_for_version_after(self, version: int) -> None:
+        await self._retry(lambda: self.store.wait_for_version(version, 1.0))
+
+    async def train_and_publish(self, version: int, model_bytes: bytes) -> None:
+        """Run one local round from `version` and publish its delta."""
+        start = await asyncio.to_thread(decode, model_bytes)
+        self.model.load_state_dict(start)
+        seed = random.Random(f"{self.config.training.seed}:{self.device_id}:{self.sent}")
+        result = await asyncio.to_thread(
+            train_local,
+            self.model,
+            self.x,
+            self.y,
+            self.config.training,
+            seed=seed.randrange(2**31),
+            global_params=start,
+        )
+        if self.slowdown > 1.0:
+            await asyncio.sleep((self.slowdown - 1.0) * result.seconds)
+        trained = self.model.state_dict()
+        delta = {name: trained[name].detach() - start[name] for name in start}
+        header, payload = build_update(
+            self.config,
+            device_id=self.device_id,
+            base_version=version,
+            num_samples=result.num_samples,
+            delta=delta,
+            train_metrics={"loss": result.loss, "accuracy": result.accuracy},
+            codec=self.codec,
+        )
+        await self._retry(
+            lambda: send_update(self.broker, self.store, self.config, header, payload)
+        )
+        self.sent += 1
+        log.info(
+            "device %s sent update %d from version %d (loss %.3f, %d bytes)",
+            self.device_id,
+            self.sent,
+            version,
+            result.loss,
+            header.payload_bytes,
+        )
+
+    async def _retry(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Retry while RabbitMQ or Redis is down; the same update is republished, never lost."""
+        return await retry_unavailable(operation, first_delay=self._retry_seconds)

@@ -1,0 +1,53 @@
+"""Run a device agent or the evaluator as a process: connect, loop until SIGTERM, close."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+
+from device_agent.agent import DeviceAgent
+from device_agent.evaluator import Evaluator
+from infra.connect import MemoryBackends, open_broker, open_store
+from infra.lifecycle import stop_on_signals
+from infra.settings import AgentSettings
+
+log = logging.getLogger(__name__)
+
+
+def default_device_id() -> str:
+    """Derive a device id from the hostname, which differs for every container replica."""
+    host = re.sub(r"[^A-Za-z0-9_.:@-]", "-", socket.gethostname()).strip("-.") or "device"
+    return host[:128]
+
+
+async def serve_agent(settings: AgentSettings, memory: MemoryBackends | None = None) -> int:
+    """Train and publish until SIGTERM or `settings.updates`; return updates sent."""
+    broker = await open_broker(settings, memory)
+    store = open_store(settings, settings.job, memory)
+    try:
+        async with DeviceAgent(
+            device_id=settings.device_id or default_device_id(),
+            broker=broker,
+            store=store,
+            updates=settings.updates,
+            num_devices=settings.num_devices,
+            dirichlet=settings.dirichlet,
+            slowdown=settings.slowdown,
+        ) as agent:
+            with stop_on_signals(agent.stop, enabled=memory is None):
+                return await agent.run()
+    finally:
+        await store.close()
+        await broker.close()
+
+
+async def serve_evaluator(settings: AgentSettings, memory: MemoryBackends | None = None) -> int:
+    """Evaluate every new version until SIGTERM or `settings.max_versions`."""
+    store = open_store(settings, settings.job, memory)
+    try:
+        evaluator = Evaluator(store=store, max_versions=settings.max_versions)
+        with stop_on_signals(evaluator.stop, enabled=memory is None):
+            return await evaluator.run()
+    finally:
+        await store.close()

@@ -1,0 +1,58 @@
+"""Send one update: encode, claim-check it through the store if large, publish with confirms."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+
+import torch
+
+from infra.protocols import Broker, ModelStore
+from schemas import JobConfig, UpdateHeader
+from schemas.codec import encode, sha256_hex
+from schemas.messages import Codec
+
+
+def build_update(
+    config: JobConfig,
+    *,
+    device_id: str,
+    base_version: int,
+    num_samples: int,
+    delta: Mapping[str, torch.Tensor],
+    train_metrics: Mapping[str, float],
+    codec: Codec = "none",
+) -> tuple[UpdateHeader, bytes]:
+    """Encode a delta and describe it in a header; the update id is minted here, once."""
+    payload = encode(delta, codec)
+    header = UpdateHeader(
+        job=config.job,
+        update_id=str(uuid.uuid4()),
+        device_id=device_id,
+        base_version=base_version,
+        num_samples=num_samples,
+        kind="delta",
+        codec=codec,
+        payload="blob" if len(payload) > config.inline_limit_bytes else "inline",
+        payload_sha256=sha256_hex(payload),
+        payload_bytes=len(payload),
+        train_metrics=dict(train_metrics),
+        sent_at=time.time(),
+    )
+    return header, payload
+
+
+async def send_update(
+    broker: Broker, store: ModelStore, config: JobConfig, header: UpdateHeader, payload: bytes
+) -> None:
+    """Publish an update; over the inline limit the bytes go to Redis first (claim-check).
+
+    Safe to call again with the same header after a failure: the blob is overwritten with
+    the same bytes and the aggregator applies one update id at most once.
+    """
+    if header.payload == "blob":
+        await store.put_blob(header.update_id, payload, config.blob_ttl_seconds)
+        await broker.publish(header, b"")
+    else:
+        await broker.publish(header, payload)

@@ -1,0 +1,598 @@
+"""Publish, consume and dead-letter update messages on RabbitMQ through aio-pika."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+import weakref
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    ConsumerTag,
+)
+from pamqp import decode as amqp_decode
+from pamqp import encode as amqp_encode
+from pamqp.commands import Basic
+
+from infra import keys
+from infra.errors import BackendUnavailable, JobNotFound, PublishError
+from infra.protocols import DETAIL_HEADER, REASON_HEADER, DeadLetter, Delivery
+from schemas import UpdateHeader
+
+log = logging.getLogger(__name__)
+
+DELIVERY_LIMIT = 5
+DETAIL_LIMIT = 500
+# A content header must fit in one frame (frame_max, 128 KiB by default): refuse bigger header
+# tables here instead of letting the broker close the connection on a frame error.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_KEY_BYTES = 128
+ANNOUNCE_TIMEOUT = 5.0
+
+# The link to the broker is down or the channel/delivery it belongs to is gone: worth a retry.
+_LINK_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,  # includes TimeoutError, raised by the bounded waits below
+)
+# Anything that can go wrong on a best-effort send or close: the link, or a refusal.
+_ANY_AMQP_ERRORS: tuple[type[BaseException], ...] = (aiormq.exceptions.AMQPError, *_LINK_ERRORS)
+_ENCODE_ERRORS = (TypeError, ValueError, OverflowError, struct.error)
+
+
+def encode_headers(headers: Mapping[str, Any]) -> bytes:
+    """Encode headers as an AMQP field table, with Python floats as 64-bit doubles.
+
+    pamqp encodes a float as a 32-bit 'f', which moves a `sent_at` timestamp by up to a minute
+    and rounds every metric; the 'd' (double) type, which RabbitMQ supports, keeps them exact.
+    """
+    parts = []
+    for key, value in sorted(headers.items()):
+        if not isinstance(key, str) or len(key.encode("utf-8")) > MAX_KEY_BYTES:
+            raise ValueError(f"header name {key!r} is not a string of at most 128 bytes")
+        parts.append(amqp_encode.short_string(key) + _encode_value(value))
+    table = b"".join(parts)
+    return struct.pack(">I", len(table)) + table
+
+
+def _encode_value(value: Any) -> bytes:
+    if isinstance(value, float):
+        return b"d" + struct.pack(">d", value)
+    if isinstance(value, dict):
+        return b"F" + encode_headers(value)
+    if isinstance(value, list):
+        items = b"".join(_encode_value(item) for item in value)
+        return b"A" + struct.pack(">I", len(items)) + items
+    return amqp_encode.encode_table_value(value)
+
+
+def roundtrip_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the headers as a consumer will receive them; raise PublishError if not encodable."""
+    try:
+        encoded = encode_headers(headers)
+    except _ENCODE_ERRORS as exc:
+        raise PublishError(f"headers are not an AMQP field table: {exc}") from exc
+    if len(encoded) > MAX_HEADER_BYTES:
+        raise PublishError(f"headers take {len(encoded)} bytes, over {MAX_HEADER_BYTES}")
+    return amqp_decode.field_table(encoded)[1]
+
+
+class _Properties(Basic.Properties):
+    """Basic properties whose headers table keeps floats as doubles."""
+
+    def encode_property(self, name: str, value: Any) -> bytes:
+        if name == "headers":
+            return encode_headers(value)
+        return super().encode_property(name, value)
+
+
+class _Message(aio_pika.Message):
+    """An outgoing message that marshals its headers with `encode_headers`."""
+
+    @property
+    def properties(self) -> Basic.Properties:
+        base = super().properties
+        return _Properties(**{name: getattr(base, name) for name in base.__slots__})
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+def header_dict(header: UpdateHeader) -> dict[str, Any]:
+    """Return an UpdateHeader as AMQP headers: its JSON form, without None values."""
+    return {k: v for k, v in header.model_dump(mode="json").items() if v is not None}
+
+
+def broker_dead_letter_reason(headers: Mapping[str, Any]) -> str:
+    """Name why RabbitMQ itself dead-lettered a message (`delivery_limit` for a quorum queue)."""
+    reason = _text(headers.get("x-first-death-reason"))
+    if reason is None:
+        deaths = headers.get("x-death")
+        if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+            reason = _text(deaths[0].get("reason"))
+    return reason or "unknown"
+
+
+@contextmanager
+def _backend_errors(what: str) -> Iterator[None]:
+    """Turn a lost link into BackendUnavailable, so callers never see aio-pika errors."""
+    try:
+        yield
+    except _LINK_ERRORS as exc:
+        raise BackendUnavailable(f"{what}: {exc!r}") from exc
+
+
+class AmqpBroker:
+    """The Broker on RabbitMQ: one robust connection, one confirming publisher channel.
+
+    `publish` waits at most `timeout` for each confirm (PublishError if none comes); across a
+    lost connection it republishes the same message until `publish_timeout` has passed since
+    the call began, then raises BackendUnavailable. Other operations are bounded by
+    `publish_timeout` as well, since a robust channel waits for the connection without limit.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        channel: AbstractRobustChannel,
+        publish_timeout: float,
+    ) -> None:
+        self._connection = connection
+        self._channel = channel
+        self.publish_timeout = publish_timeout
+        self._closed = False
+        self._consumers: weakref.WeakSet[AmqpConsumer] = weakref.WeakSet()
+
+    @classmethod
+    async def connect(cls, url: str, *, publish_timeout: float = 60.0) -> AmqpBroker:
+        """Connect (reconnecting by itself later on) and open the publishing channel."""
+        with _backend_errors(f"cannot connect to {_safe_url(url)}"):
+            async with asyncio.timeout(publish_timeout):
+                connection = await aio_pika.connect_robust(url)
+                try:
+                    channel = connection.channel(publisher_confirms=True, on_return_raises=True)
+                    await channel.initialize()
+                except BaseException:
+                    await connection.close()
+                    raise
+        return cls(connection, channel, publish_timeout)
+
+    def _temporary_channel(self) -> AbstractRobustChannel:
+        # Topology and inspection use a channel of their own: a refused declare closes it, and
+        # a closed channel is never restored, so a deleted queue is not re-declared later.
+        return self._connection.channel(publisher_confirms=False)
+
+    async def declare_job(self, job: str, *, log_stream: bool = False) -> None:
+        """Create (idempotently) the job's update queue, dead-letter queue and bindings."""
+        updates_args = {
+            "x-queue-type": "quorum",
+            "x-single-active-consumer": True,
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": keys.DEAD_EXCHANGE,
+            "x-dead-letter-routing-key": job,
+        }
+        async with (
+            self._operation(f"declare job {job!r}"),
+            self._temporary_channel() as channel,
+        ):
+            updates = await channel.declare_exchange(
+                keys.UPDATES_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            dead = await channel.declare_exchange(
+                keys.DEAD_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            await channel.declare_exchange(
+                keys.VERSIONS_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+            )
+            queue = await self._declare(channel, keys.updates_queue(job), updates_args)
+            await queue.bind(updates, routing_key=job)
+            queue = await self._declare(channel, keys.dead_queue(job), {"x-queue-type": "quorum"})
+            await queue.bind(dead, routing_key=job)
+            if log_stream:
+                stream_args = {"x-queue-type": "stream", "x-max-age": "7D"}
+                queue = await self._declare(channel, keys.log_stream(job), stream_args)
+                await queue.bind(updates, routing_key=job)
+
+    @staticmethod
+    async def _declare(
+        channel: AbstractRobustChannel, name: str, arguments: dict[str, Any]
+    ) -> AbstractQueue:
+        try:
+            return await channel.declare_queue(
+                name, durable=True, arguments=arguments, robust=False
+            )
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise ValueError(f"queue {name} exists with other arguments: {exc}") from exc
+
+    async def delete_job(self, job: str) -> None:
+        """Remove the job's queues (tests and `fedq job delete`)."""
+        names = (keys.updates_queue(job), keys.dead_queue(job), keys.log_stream(job))
+        async with self._operation(f"delete job {job!r}"):
+            for name in names:
+                # One channel per queue: a refused delete closes its channel.
+                async with self._temporary_channel() as channel:
+                    try:
+                        await channel.queue_delete(name, if_unused=False, if_empty=False)
+                    except aiormq.exceptions.ChannelNotFoundEntity:
+                        log.debug("queue %s was already gone", name)
+
+    async def publish(self, header: UpdateHeader, body: bytes, *, timeout: float = 30.0) -> None:
+        """Publish an update persistently and wait for the broker's confirm."""
+        message = _Message(
+            body,
+            headers=header_dict(header),
+            message_id=header.update_id,
+            content_type=keys.UPDATE_CONTENT_TYPE,
+            type="update",
+            timestamp=datetime.fromtimestamp(header.sent_at, UTC),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await self.publish_message(keys.UPDATES_EXCHANGE, header.job, message, timeout=timeout)
+
+    async def publish_raw(
+        self,
+        job: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, Any],
+        message_id: str | None,
+        timeout: float = 30.0,
+    ) -> None:
+        """Publish arbitrary headers and body to a job's routing key (tests, replay, fuzzing)."""
+        message = _Message(
+            body,
+            headers=dict(headers),
+            message_id=message_id,
+            content_type=keys.UPDATE_CONTENT_TYPE,
+            type="update",
+            timestamp=datetime.now(UTC),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await self.publish_message(keys.UPDATES_EXCHANGE, job, message, timeout=timeout)
+
+    async def publish_message(
+        self, exchange: str, routing_key: str, message: aio_pika.Message, *, timeout: float
+    ) -> None:
+        """Publish mandatory and confirmed, republishing the same message across reconnects."""
+        roundtrip_headers(message.headers)  # refuse unencodable headers before they hit the wire
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, self.publish_timeout)
+        target = await self._channel.get_exchange(exchange, ensure=False)
+        what = f"message {message.message_id} to {exchange}/{routing_key}"
+        while True:
+            if self._closed:
+                raise BackendUnavailable("the broker connection is closed")
+            try:
+                await target.publish(message, routing_key, mandatory=True, timeout=timeout)
+                return
+            except aiormq.exceptions.PublishError as exc:
+                raise PublishError(f"{what} is unroutable: is the job declared?") from exc
+            except aiormq.exceptions.DeliveryError as exc:
+                raise PublishError(f"{what} was nacked by the broker") from exc
+            except TimeoutError as exc:
+                raise PublishError(f"{what} was not confirmed within {timeout}s") from exc
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                raise PublishError(f"{what}: exchange missing: is the job declared?") from exc
+            except aiormq.exceptions.ChannelClosed as exc:
+                raise PublishError(f"{what} was refused: {exc}") from exc
+            except _LINK_ERRORS as exc:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise BackendUnavailable(f"{what}: broker unreachable: {exc!r}") from exc
+                log.warning("publishing %s failed (%r); republishing after reconnect", what, exc)
+                await self._wait_ready(remaining, what)
+
+    async def _wait_ready(self, seconds: float, what: str) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._channel.ready()
+        except TimeoutError as exc:
+            raise BackendUnavailable(f"{what}: no reconnection within the deadline") from exc
+
+    def consume(
+        self, job: str, *, prefetch: int, idle_timeout: float | None = None
+    ) -> AmqpConsumer:
+        """Yield deliveries from the job's update queue with manual acks."""
+        consumer = AmqpConsumer(self, job, prefetch, idle_timeout)
+        self._consumers.add(consumer)
+        return consumer
+
+    async def announce_version(self, job: str, version: int) -> None:
+        """Tell listeners on the versions fanout that `version` is committed (best effort)."""
+        message = aio_pika.Message(
+            json.dumps({"job": job, "version": version}).encode(),
+            content_type="application/json",
+            type="version",
+            timestamp=datetime.now(UTC),
+        )
+        try:
+            async with asyncio.timeout(ANNOUNCE_TIMEOUT):
+                exchange = await self._channel.get_exchange(keys.VERSIONS_EXCHANGE, ensure=False)
+                await exchange.publish(message, job, mandatory=False)
+        except _ANY_AMQP_ERRORS as exc:
+            # Listeners also read the Redis versions stream; a missed announcement only delays them.
+            log.warning("could not announce version %d of job %s: %r", version, job, exc)
+
+    async def drain_dead_letters(self, job: str, *, timeout: float = 2.0) -> list[DeadLetter]:
+        """Remove and return every message now in the job's dead-letter queue.
+
+        Messages are acked together at the end, so a failure part-way returns them all to the
+        queue; `timeout` bounds the whole drain, which then returns what it has read.
+        """
+        letters: list[DeadLetter] = []
+        name = keys.dead_queue(job)
+        async with (
+            self._operation(f"drain dead letters of job {job!r}"),
+            self._temporary_channel() as channel,
+        ):
+            queue = await self._passive(channel, name, job)
+            last: AbstractIncomingMessage | None = None
+            try:
+                async with asyncio.timeout(timeout):
+                    while (message := await queue.get(fail=False, timeout=timeout)) is not None:
+                        letters.append(_dead_letter_of(message, name))
+                        last = message
+            except TimeoutError:
+                log.warning("draining %s stopped after %ss", name, timeout)
+            if last is not None:
+                await last.ack(multiple=True)
+        return letters
+
+    async def queue_depth(self, job: str) -> tuple[int, int]:
+        """Return (ready messages, consumers) of the job's update queue."""
+        async with (
+            self._operation(f"inspect job {job!r}"),
+            self._temporary_channel() as channel,
+        ):
+            queue = await self._passive(channel, keys.updates_queue(job), job)
+        result = queue.declaration_result
+        return result.message_count or 0, result.consumer_count or 0
+
+    @staticmethod
+    async def _passive(channel: AbstractRobustChannel, name: str, job: str) -> AbstractQueue:
+        try:
+            # robust=False: a robust channel would answer from its cache, with stale counts.
+            return await channel.declare_queue(name, passive=True, robust=False)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise JobNotFound(f"job {job!r} has no queue {name}: declare it first") from exc
+
+    @asynccontextmanager
+    async def _operation(self, what: str) -> AsyncIterator[None]:
+        """Bound an operation in time and report a lost link as BackendUnavailable."""
+        if self._closed:
+            raise BackendUnavailable(f"{what}: the broker connection is closed")
+        with _backend_errors(what):
+            async with asyncio.timeout(self.publish_timeout):
+                yield
+
+    async def close(self) -> None:
+        """Stop every consumer and close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        for consumer in list(self._consumers):
+            consumer.stop()
+        with _backend_errors("close the broker connection"):
+            await self._connection.close()
+
+
+def _safe_url(url: str) -> str:
+    """Drop the password from a URL before it goes into a message."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}"
+
+
+def _dead_letter_of(message: AbstractIncomingMessage, queue: str) -> DeadLetter:
+    headers = dict(message.headers)
+    reason = _text(headers.pop(REASON_HEADER, None))
+    detail = _text(headers.pop(DETAIL_HEADER, None)) or ""
+    if reason is None:
+        reason = broker_dead_letter_reason(headers)
+        origin = _text(headers.get("x-first-death-queue")) or queue
+        detail = f"dead-lettered by the broker from {origin}"
+    return DeadLetter(reason, detail, message.message_id, headers, message.body)
+
+
+def dead_letter_headers(
+    original: Mapping[str, Any], reason: str, detail: str
+) -> tuple[dict[str, Any], bool]:
+    """Return the headers of a dead-letter copy, and whether the original ones could be kept."""
+    marks = {
+        REASON_HEADER: reason.encode("utf-8", "replace").decode(),
+        DETAIL_HEADER: detail[:DETAIL_LIMIT].encode("utf-8", "replace").decode(),
+    }
+    headers = {**original, **marks}
+    try:
+        roundtrip_headers(headers)
+    except PublishError:
+        return marks, False
+    return headers, True
+
+
+class AmqpDelivery:
+    """One received update message; settles through its consumer's channel."""
+
+    def __init__(self, broker: AmqpBroker, job: str, message: AbstractIncomingMessage) -> None:
+        self._broker = broker
+        self._job = job
+        self._message = message
+        self._settled = False
+        self._copied = False
+
+    @property
+    def message_id(self) -> str | None:
+        return self._message.message_id
+
+    @property
+    def headers(self) -> Mapping[str, Any]:
+        return self._message.headers
+
+    @property
+    def body(self) -> bytes:
+        return self._message.body
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(self._message.redelivered)
+
+    def _check_unsettled(self) -> None:
+        if self._settled:
+            raise RuntimeError(f"delivery {self.message_id} is already settled")
+
+    async def ack(self) -> None:
+        """Settle: the update's effect is durable (committed, or known duplicate)."""
+        self._check_unsettled()
+        with _backend_errors(f"ack {self.message_id}: it will be redelivered"):
+            await self._message.ack()
+        self._settled = True
+
+    async def requeue(self) -> None:
+        """Settle: give the message back to the queue for a later delivery."""
+        self._check_unsettled()
+        with _backend_errors(f"requeue {self.message_id}: it will be redelivered"):
+            await self._message.nack(requeue=True)
+        self._settled = True
+
+    async def dead_letter(self, reason: str, detail: str) -> None:
+        """Settle: copy the message to the job's dead-letter queue with the reason, then ack."""
+        self._check_unsettled()
+        if not self._copied:
+            # A retry after a failed ack must not add a second copy.
+            headers, kept = dead_letter_headers(self._message.headers, reason, detail)
+            if not kept:
+                log.warning("dead-lettering %s without its unusable headers", self.message_id)
+            copy = _Message(
+                self._message.body,
+                headers=headers,
+                message_id=self._message.message_id,
+                content_type=self._message.content_type,
+                type=self._message.type,
+                timestamp=self._message.timestamp,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            await self._broker.publish_message(
+                keys.DEAD_EXCHANGE, self._job, copy, timeout=self._broker.publish_timeout
+            )
+            self._copied = True
+        await self.ack()
+
+
+_STOP = object()
+
+
+class AmqpConsumer:
+    """An async iterator of deliveries on a channel of its own, closed when iteration ends.
+
+    Ending (idle timeout, `aclose`, a cancelled `__anext__`, or the broker closing) cancels the
+    consumer and closes the channel, so every unacked message goes back to the queue.
+    """
+
+    def __init__(
+        self, broker: AmqpBroker, job: str, prefetch: int, idle_timeout: float | None
+    ) -> None:
+        self._broker = broker
+        self._job = job
+        self._prefetch = prefetch
+        self._idle_timeout = idle_timeout
+        self._buffer: asyncio.Queue[AbstractIncomingMessage | object] = asyncio.Queue()
+        self._channel: AbstractRobustChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._tag: ConsumerTag | None = None
+        self._closing: asyncio.Future[None] | None = None
+
+    def __aiter__(self) -> AmqpConsumer:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        if self._closing is not None:
+            raise StopAsyncIteration
+        try:
+            if self._channel is None:
+                await self._start()
+            return await self._next()
+        except StopAsyncIteration:
+            await self.aclose()
+            raise
+        except BaseException:
+            # Cancelled or failed: give every unacked message back before going.
+            await self.aclose()
+            raise
+
+    async def _start(self) -> None:
+        async with self._broker._operation(f"consume job {self._job!r}"):
+            self._channel = self._broker._connection.channel(publisher_confirms=False)
+            await self._channel.initialize()
+            await self._channel.set_qos(prefetch_count=self._prefetch)
+            name = keys.updates_queue(self._job)
+            try:
+                # Robust, so the consumer is restored after a reconnect.
+                self._queue = await self._channel.declare_queue(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                raise JobNotFound(f"job {self._job!r} has no queue {name}") from exc
+            self._tag = await self._queue.consume(self._buffer.put, no_ack=False)
+            underlay = await self._channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
+
+    def _on_cancel(self, frame: Basic.Cancel) -> None:
+        if frame.consumer_tag == self._tag:
+            # The broker cancelled us, typically because the queue was deleted.
+            self._buffer.put_nowait(frame)
+
+    def stop(self) -> None:
+        """End the iteration at the next wait (the broker is closing)."""
+        self._buffer.put_nowait(_STOP)
+
+    async def _next(self) -> Delivery:
+        loop = asyncio.get_running_loop()
+        deadline = None if self._idle_timeout is None else loop.time() + self._idle_timeout
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await self._buffer.get()
+            except TimeoutError:
+                raise StopAsyncIteration from None
+            if item is _STOP:
+                raise StopAsyncIteration
+            if isinstance(item, Basic.Cancel):
+                raise BackendUnavailable(f"the broker cancelled the consumer of {self._job!r}")
+            assert isinstance(item, AbstractIncomingMessage)
+            try:
+                item.channel  # noqa: B018 - raises once the delivering channel is gone
+            except aiormq.exceptions.ChannelInvalidStateError:
+                # Received before a reconnect: the broker has already requeued it.
+                continue
+            return AmqpDelivery(self._broker, self._job, item)
+
+    async def aclose(self) -> None:
+        """Cancel the consumer and close its channel (idempotent)."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._shutdown())
+        await asyncio.shield(self._closing)
+
+    async def _shutdown(self) -> None:
+        channel, queue, tag = self._channel, self._queue, self._tag
+        if channel is None or channel.is_closed:
+            return
+        try:
+            async with asyncio.timeout(self._broker.publish_timeout):
+                if queue is not None and tag is not None:
+                    await queue.cancel(tag)
+                await channel.close()
+        except _ANY_AMQP_ERRORS as exc:
+            # The link is gone, and with it the channel: the broker requeues by itself.
+            log.info("closing the consumer of %s: %r", self._job, exc)

@@ -1,0 +1,446 @@
+"""The Redis `ModelStore`: one job's versions, applied ids, blobs and evaluations.
+
+Key names come from `infra.keys.JobKeys`; every multi-key change is one Lua script or a
+WATCH/MULTI transaction, so a crash leaves the job at version v or v+1, never in between.
+Redis errors that mean "cannot reach the server" leave this module as BackendUnavailable.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
+
+from infra.errors import BackendUnavailable, JobExists, JobNotFound, VersionConflict
+from infra.keys import JobKeys
+from schemas import JobConfig, VersionMeta
+
+logger = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+STREAM_MAXLEN = 10_000
+# A crashed committer's temporary model key disappears by itself after this long.
+TEMP_MODEL_TTL_SECONDS = 3600
+# Reads of (version, model) that may each lose a race with pruning before one succeeds.
+LATEST_ATTEMPTS = 20
+# The longest single XREAD BLOCK when the client has no socket timeout to stay under.
+MAX_BLOCK_SECONDS = 10.0
+SCAN_BATCH = 500
+
+# KEYS: config, version, model:0, meta:0, versions stream, temporary model
+# ARGV: config json, meta json, sha256, created_at, stream maxlen, token
+# Returns 1 created, 2 already created by this same call (a client retry), 0 job exists,
+# -2 the temporary model expired before the script ran.
+_CREATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local last = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)[1]
+  if last then
+    local fields = last[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'token' and fields[i + 1] == ARGV[6] then return 2 end
+    end
+  end
+  redis.call('DEL', KEYS[6])
+  return 0
+end
+if redis.call('EXISTS', KEYS[6]) == 0 then return -2 end
+redis.call('RENAME', KEYS[6], KEYS[3])
+redis.call('PERSIST', KEYS[3])
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], '0')
+redis.call('SET', KEYS[4], ARGV[2])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*',
+  'version', '0', 'sha256', ARGV[3], 'created_at', ARGV[4], 'token', ARGV[6])
+return 1
+"""
+
+# KEYS: version, temporary model, model:{v+1}, applied, meta:{v+1}, versions stream,
+#       [model:{v+1-versions_kept}]
+# ARGV: expected, new version, meta json, sha256, created_at, token, stream maxlen,
+#       contributor ids...
+# Returns 1 committed, 2 already committed by this same call (a client retry), 0 conflict,
+# -1 no such job, -2 the temporary model expired before the script ran.
+_COMMIT_LUA = """
+local current = redis.call('GET', KEYS[1])
+if not current then
+  redis.call('DEL', KEYS[2])
+  return -1
+end
+if current ~= ARGV[1] then
+  if current == ARGV[2] then
+    local last = redis.call('XREVRANGE', KEYS[6], '+', '-', 'COUNT', 1)[1]
+    if last then
+      local fields = last[2]
+      for i = 1, #fields, 2 do
+        if fields[i] == 'token' and fields[i + 1] == ARGV[6] then return 2 end
+      end
+    end
+  end
+  redis.call('DEL', KEYS[2])
+  return 0
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then return -2 end
+redis.call('RENAME', KEYS[2], KEYS[3])
+redis.call('PERSIST', KEYS[3])
+redis.call('SET', KEYS[1], ARGV[2])
+-- unpack() is bounded by the Lua C stack, so add contributors in chunks.
+for i = 8, #ARGV, 1000 do
+  redis.call('SADD', KEYS[4], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('SET', KEYS[5], ARGV[3])
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*',
+  'version', ARGV[2], 'sha256', ARGV[4], 'created_at', ARGV[5], 'token', ARGV[6])
+if KEYS[7] then redis.call('UNLINK', KEYS[7]) end
+return 1
+"""
+
+# KEYS: devices hash; ARGV: device id. Returns the device's index, assigning the next one.
+_CLAIM_DEVICE_LUA = """
+local idx = redis.call('HGET', KEYS[1], ARGV[1])
+if idx then return tonumber(idx) end
+idx = redis.call('HLEN', KEYS[1])
+redis.call('HSET', KEYS[1], ARGV[1], idx)
+return idx
+"""
+
+
+def _unavailable_on_network_errors(
+    fn: Callable[_P, Awaitable[_R]],
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """Turn redis connection and timeout errors into BackendUnavailable."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await fn(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise BackendUnavailable(f"redis: {exc}") from exc
+
+    return wrapper
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisModelStore:
+    """A `ModelStore` for one job, backed by Redis (binary responses, never decoded)."""
+
+    def __init__(self, client: aioredis.Redis, job: str, *, owns_client: bool = False) -> None:
+        kwargs = client.connection_pool.connection_kwargs
+        if kwargs.get("decode_responses"):
+            raise ValueError("the Redis client must return bytes (decode_responses=False)")
+        self.job = job
+        self._client = client
+        self._keys = JobKeys(job)
+        self._owns_client = owns_client
+        socket_timeout = kwargs.get("socket_timeout")
+        # An XREAD BLOCK longer than the socket timeout would be cut off as a TimeoutError.
+        self._max_block = (
+            MAX_BLOCK_SECONDS
+            if socket_timeout is None
+            else min(MAX_BLOCK_SECONDS, float(socket_timeout) / 2)
+        )
+        self._create_script = client.register_script(_CREATE_LUA)
+        self._commit_script = client.register_script(_COMMIT_LUA)
+        self._claim_script = client.register_script(_CLAIM_DEVICE_LUA)
+
+    @classmethod
+    def from_url(cls, url: str, job: str, *, timeout: float = 120.0) -> RedisModelStore:
+        """Connect to `url` with timeouts sized for model values of hundreds of MB."""
+        client = aioredis.Redis.from_url(
+            url,
+            decode_responses=False,
+            socket_timeout=timeout,
+            socket_connect_timeout=min(timeout, 10.0),
+            socket_keepalive=True,
+            health_check_interval=30,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=5.0), retries=5),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+        return cls(client, job, owns_client=True)
+
+    async def close(self) -> None:
+        """Close the client if this store created it (a passed-in client is the caller's)."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    # -- job lifecycle -----------------------------------------------------------------
+
+    @_unavailable_on_network_errors
+    async def create_job(self, config: JobConfig, model: bytes, meta: VersionMeta) -> None:
+        """Store the config and version 0; raise JobExists if the job is already there."""
+        if config.job != self.job:
+            raise ValueError(f"config is for job {config.job!r}, this store is {self.job!r}")
+        if meta.version != 0:
+            raise ValueError(f"the first version must be 0, not {meta.version}")
+        token = uuid.uuid4().hex
+        temp = f"{self._keys.model(0)}:tmp:{token}"
+        await self._client.set(temp, model, ex=TEMP_MODEL_TTL_SECONDS)
+        keys = self._keys
+        result = await self._create_script(
+            keys=[
+                keys.config,
+                keys.version,
+                keys.model(0),
+                keys.meta(0),
+                keys.versions_stream,
+                temp,
+            ],
+            args=[
+                config.model_dump_json(),
+                meta.model_dump_json(),
+                meta.sha256,
+                repr(meta.created_at),
+                STREAM_MAXLEN,
+                token,
+            ],
+        )
+        if result == 0:
+            raise JobExists(self.job)
+        if result == -2:
+            raise BackendUnavailable("the temporary model key expired before create_job ran")
+
+    @_unavailable_on_network_errors
+    async def delete_job(self) -> None:
+        """Remove every key of the job."""
+        batch: list[bytes | str] = []
+        async for key in self._client.scan_iter(match=self._keys.pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= SCAN_BATCH:
+                await self._client.unlink(*batch)
+                batch = []
+        if batch:
+            await self._client.unlink(*batch)
+
+    @_unavailable_on_network_errors
+    async def get_config(self) -> JobConfig:
+        """Return the job's config; raise JobNotFound if there is none."""
+        raw = await self._client.get(self._keys.config)
+        if raw is None:
+            raise JobNotFound(self.job)
+        return JobConfig.model_validate_json(raw)
+
+    @_unavailable_on_network_errors
+    async def current_version(self) -> int:
+        """Return the latest committed version; raise JobNotFound if there is none."""
+        raw = await self._client.get(self._keys.version)
+        if raw is None:
+            raise JobNotFound(self.job)
+        return int(raw)
+
+    # -- versions ----------------------------------------------------------------------
+
+    @_unavailable_on_network_errors
+    async def get_model(self, version: int) -> bytes | None:
+        """Return a version's safetensors bytes, or None once it has been pruned."""
+        # bytes, not str: __init__ refuses a client that decodes responses.
+        return cast(bytes | None, await self._client.get(self._keys.model(version)))
+
+    @_unavailable_on_network_errors
+    async def get_meta(self, version: int) -> VersionMeta | None:
+        """Return a version's metadata, or None if the version was never committed."""
+        raw = await self._client.get(self._keys.meta(version))
+        return None if raw is None else VersionMeta.model_validate_json(raw)
+
+    @_unavailable_on_network_errors
+    async def latest(self) -> tuple[int, bytes]:
+        """Return the latest version and its bytes, consistently, even while commits race."""
+        for _ in range(LATEST_ATTEMPTS):
+            version = await self.current_version()
+            model = await self.get_model(version)
+            # None means `versions_kept` commits landed between the two reads and pruned it.
+            if model is not None:
+                return version, model
+        raise BackendUnavailable(f"no consistent latest model after {LATEST_ATTEMPTS} reads")
+
+    @_unavailable_on_network_errors
+    async def commit(self, expected_version: int, model: bytes, meta: VersionMeta) -> None:
+        """Atomically move the job from `expected_version` to `meta.version` (= expected + 1).
+
+        The bytes go to a unique temporary key first and are renamed into place by the same
+        script that checks the version, so a loser never overwrites the winner's model.
+        The script is idempotent per call: a client retry after a lost reply is recognised
+        by its token in the versions stream instead of being reported as a conflict.
+        """
+        new_version = expected_version + 1
+        if meta.version != new_version:
+            raise ValueError(f"meta.version {meta.version} != expected_version + 1")
+        kept = (await self.get_config()).versions_kept
+        keys = self._keys
+        token = uuid.uuid4().hex
+        temp = f"{keys.model(new_version)}:tmp:{token}"
+        await self._client.set(temp, model, ex=TEMP_MODEL_TTL_SECONDS)
+        script_keys = [
+            keys.version,
+            temp,
+            keys.model(new_version),
+            keys.applied,
+            keys.meta(new_version),
+            keys.versions_stream,
+        ]
+        if new_version - kept >= 0:
+            # Named in KEYS (not built inside Lua) so the script declares every key it touches.
+            script_keys.append(keys.model(new_version - kept))
+        result = await self._commit_script(
+            keys=script_keys,
+            args=[
+                expected_version,
+                new_version,
+                meta.model_dump_json(),
+                meta.sha256,
+                repr(meta.created_at),
+                token,
+                STREAM_MAXLEN,
+                *meta.contributors,
+            ],
+        )
+        if result == 0:
+            raise VersionConflict(f"job {self.job}: version is no longer {expected_version}")
+        if result == -1:
+            raise JobNotFound(self.job)
+        if result == -2:
+            raise BackendUnavailable("the temporary model key expired before commit ran")
+        if result == 2:
+            logger.info(
+                "commit of %s v%d was retried and had already applied", self.job, new_version
+            )
+
+    @_unavailable_on_network_errors
+    async def wait_for_version(self, after: int, timeout: float) -> int:
+        """Return the current version as soon as it exceeds `after`, or when `timeout` ends."""
+        deadline = time.monotonic() + timeout
+        stream = self._keys.versions_stream
+        # Read the stream's position before the version: a commit in between shows up in XREAD.
+        last_id = await self._last_stream_id()
+        current = await self.current_version()
+        while current <= after:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            block_ms = max(1, int(min(remaining, self._max_block) * 1000))
+            reply = await self._client.xread({stream: last_id}, count=100, block=block_ms)
+            last_id = _last_id_in(reply) or last_id
+            current = await self.current_version()
+        return current
+
+    async def _last_stream_id(self) -> bytes | str:
+        entries = await self._client.xrevrange(self._keys.versions_stream, count=1)
+        return cast(bytes, entries[0][0]) if entries else "0-0"
+
+    # -- applied ids -------------------------------------------------------------------
+
+    @_unavailable_on_network_errors
+    async def applied(self, update_ids: Sequence[str]) -> list[bool]:
+        """Whether each update id is already part of a committed version."""
+        if not update_ids:
+            return []
+        flags = await self._client.smismember(self._keys.applied, list(update_ids))
+        return [bool(flag) for flag in flags]
+
+    @_unavailable_on_network_errors
+    async def applied_count(self) -> int:
+        """Return how many update ids committed versions contain."""
+        return int(await self._client.scard(self._keys.applied))
+
+    # -- claim-check blobs -------------------------------------------------------------
+
+    @_unavailable_on_network_errors
+    async def put_blob(self, update_id: str, data: bytes, ttl_seconds: int) -> None:
+        """Store a claim-check payload that expires after `ttl_seconds`."""
+        if ttl_seconds < 1:
+            raise ValueError(f"ttl_seconds must be at least 1, not {ttl_seconds}")
+        await self._client.set(self._keys.blob(update_id), data, ex=ttl_seconds)
+
+    @_unavailable_on_network_errors
+    async def get_blob(self, update_id: str) -> bytes | None:
+        """Return a claim-check payload, or None once it expired or was deleted."""
+        return cast(bytes | None, await self._client.get(self._keys.blob(update_id)))
+
+    @_unavailable_on_network_errors
+    async def delete_blobs(self, update_ids: Sequence[str]) -> None:
+        """Remove claim-check payloads (missing ones are fine)."""
+        if update_ids:
+            await self._client.unlink(*(self._keys.blob(u) for u in update_ids))
+
+    # -- evaluation and counters -------------------------------------------------------
+
+    @_unavailable_on_network_errors
+    async def record_eval(self, version: int, metrics: Mapping[str, float]) -> None:
+        """Write evaluation metrics into a version's meta and remember the latest evaluated."""
+        meta_key, eval_key = self._keys.meta(version), self._keys.latest_eval
+        async with self._client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(meta_key, eval_key)
+                    raw_meta = await pipe.get(meta_key)
+                    if raw_meta is None:
+                        raise LookupError(f"job {self.job} has no version {version}")
+                    meta = VersionMeta.model_validate_json(raw_meta)
+                    # model_copy does not validate: round-trip so bad metrics raise here.
+                    updated = VersionMeta.model_validate(
+                        meta.model_copy(update={"eval": dict(metrics)}).model_dump()
+                    )
+                    raw_eval = await pipe.get(eval_key)
+                    newest = None if raw_eval is None else int(json.loads(raw_eval)["version"])
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(meta_key, updated.model_dump_json())
+                    # Same version counts as newer: a re-evaluation keeps both places in step.
+                    if newest is None or version >= newest:
+                        pipe.set(
+                            eval_key, json.dumps({"version": version, "metrics": updated.eval})
+                        )
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue
+
+    @_unavailable_on_network_errors
+    async def latest_eval(self) -> tuple[int, dict[str, float]] | None:
+        """Return (version, metrics) of the newest evaluated version, if any."""
+        raw = await self._client.get(self._keys.latest_eval)
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        metrics = {str(name): float(value) for name, value in record["metrics"].items()}
+        return int(record["version"]), metrics
+
+    @_unavailable_on_network_errors
+    async def count_rejection(self, reason: str) -> None:
+        """Add one to the counter of updates rejected for `reason`."""
+        await self._client.hincrby(self._keys.rejections, reason, 1)
+
+    @_unavailable_on_network_errors
+    async def rejection_counts(self) -> dict[str, int]:
+        """Return the rejection counters by reason."""
+        raw = await self._client.hgetall(self._keys.rejections)
+        return {_text(reason): int(count) for reason, count in raw.items()}
+
+    @_unavailable_on_network_errors
+    async def claim_device_index(self, device_id: str) -> int:
+        """Give each distinct device id a stable index 0, 1, 2, ... (first come first served)."""
+        return int(await self._claim_script(keys=[self._keys.devices], args=[device_id]))
+
+
+def _last_id_in(reply: Any) -> bytes | str | None:
+    """Return the id of the last entry in an XREAD reply (RESP2 list or RESP3 dict)."""
+    if not reply:
+        return None
+    entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+    if not entries:
+        return None
+    last_id: bytes | str = entries[-1][0]
+    return last_id

@@ -1,0 +1,36 @@
+"""Broker fixtures: every contract test runs once in memory and once on the real RabbitMQ."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from infra.amqp_broker import AmqpBroker
+from infra.errors import BackendUnavailable
+from infra.memory_broker import MemoryBroker
+from infra.protocols import Broker
+from tests.conftest import AMQP_URL
+
+
+@pytest.fixture(params=["memory", "amqp"])
+async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    """A fresh broker of each kind; the amqp one is skipped when RabbitMQ is not running."""
+    backend: Broker
+    if request.param == "memory":
+        backend = MemoryBroker()
+    else:
+        try:
+            backend = await AmqpBroker.connect(AMQP_URL, publish_timeout=10.0)
+        except BackendUnavailable as exc:
+            pytest.skip(f"RabbitMQ is not reachable at {AMQP_URL}: {exc}")
+    yield backend
+    await backend.close()
+
+
+@pytest.fixture
+async def job(broker: Broker, job_id: str) -> AsyncIterator[str]:
+    """A declared job whose queues are deleted after the test."""
+    await broker.declare_job(job_id)
+    yield job_id
+    await broker.delete_job(job_id)

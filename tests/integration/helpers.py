@@ -1,0 +1,96 @@
+"""Builders shared by the integration tests: a tiny job, and updates good and bad."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from infra.memory_broker import MemoryBroker
+
+from infra.amqp_broker import AmqpBroker
+from infra.memory_store import MemoryModelStore, MemoryStoreHub
+from infra.protocols import Broker, ModelStore
+from infra.redis_store import RedisModelStore
+from schemas import JobConfig, StrategyConfig, UpdateHeader, VersionMeta
+from schemas.codec import encode, schema_of, sha256_hex
+from tests.conftest import AMQP_URL, REDIS_URL
+
+INITIAL = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([0.5])}
+
+
+@dataclass
+class Backends:
+    """A broker and a store holding one fresh job."""
+
+    broker: Broker
+    store: ModelStore
+    config: JobConfig
+
+
+@asynccontextmanager
+async def job_backends(kind: str, job: str, strategy: StrategyConfig) -> AsyncIterator[Backends]:
+    """Create a job with the tiny INITIAL model on memory or real backends; delete it after."""
+    if kind == "real":
+        broker: Broker = await AmqpBroker.connect(AMQP_URL)
+        store: ModelStore = RedisModelStore.from_url(REDIS_URL, job)
+    else:
+        broker = MemoryBroker()
+        store = MemoryModelStore(MemoryStoreHub(), job)
+    config = JobConfig(
+        job=job,
+        task="tiny",
+        strategy=strategy,
+        model_schema=schema_of(INITIAL),
+        inline_limit_bytes=64,
+        created_at=time.time(),
+    )
+    model = encode(INITIAL)
+    meta = VersionMeta(
+        version=0, created_at=time.time(), sha256=sha256_hex(model), model_bytes=len(model)
+    )
+    await broker.declare_job(job)
+    await store.create_job(config, model, meta)
+    try:
+        yield Backends(broker=broker, store=store, config=config)
+    finally:
+        await store.delete_job()
+        await broker.delete_job(job)
+        await store.close()
+        await broker.close()
+
+
+def update(
+    job: str,
+    tensors: dict[str, torch.Tensor],
+    /,
+    *,
+    base_version: int = 0,
+    num_samples: int = 10,
+    device_id: str = "dev-0",
+    **overrides: Any,
+) -> tuple[dict[str, Any], bytes, str]:
+    """Return (headers, body, update_id) of a well-formed inline update; overrides win."""
+    body = encode(tensors)
+    header = UpdateHeader(
+        job=job,
+        update_id=str(uuid.uuid4()),
+        device_id=device_id,
+        base_version=base_version,
+        num_samples=num_samples,
+        payload_sha256=sha256_hex(body),
+        payload_bytes=len(body),
+        sent_at=time.time(),
+    )
+    headers = header.model_dump(mode="json", exclude_none=True)
+    headers.update(overrides)
+    return headers, body, header.update_id
+
+
+def delta(w: float, b: float = 0.0) -> dict[str, torch.Tensor]:
+    """A delta adding `w` to every weight and `b` to the bias."""
+    return {"w": torch.full((4,), w), "b": torch.tensor([b])}

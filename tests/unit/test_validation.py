@@ -1,0 +1,128 @@
+"""Header parsing and size/hash checks of the aggregator's validation step."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from aggregator.validation import check_payload, check_sizes, parse_header
+from schemas import JobConfig, Rejection, RejectReason, TensorSpec
+from schemas.codec import sha256_hex
+
+pytestmark = pytest.mark.unit
+JOB = "job-a"
+BODY = b"0123456789"
+
+
+def _headers(**changes: Any) -> dict[str, Any]:
+    headers: dict[str, Any] = {
+        "schema_version": 1,
+        "job": JOB,
+        "update_id": str(uuid.uuid4()),
+        "device_id": "dev-1",
+        "base_version": 3,
+        "num_samples": 100,
+        "kind": "delta",
+        "codec": "none",
+        "payload": "inline",
+        "payload_sha256": sha256_hex(BODY),
+        "payload_bytes": len(BODY),
+        "train_metrics": {"loss": 0.5},
+        "sent_at": time.time(),
+    }
+    headers.update(changes)
+    return {k: v for k, v in headers.items() if v is not None or k == "signature"}
+
+
+def _config(max_update_bytes: int = 1000) -> JobConfig:
+    return JobConfig(
+        job=JOB,
+        task="t",
+        model_schema={"w": TensorSpec(shape=(2,), dtype="float32")},
+        max_update_bytes=max_update_bytes,
+        created_at=time.time(),
+    )
+
+
+def test_valid_headers_parse_and_transport_headers_are_ignored() -> None:
+    header = parse_header({**_headers(), "x-delivery-count": 2, "x-death": []}, JOB)
+    assert header.base_version == 3
+    assert header.train_metrics == {"loss": 0.5}
+
+
+def test_byte_string_headers_are_decoded() -> None:
+    raw = _headers()
+    raw["device_id"] = b"dev-1"
+    assert parse_header(raw, JOB).device_id == "dev-1"
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"update_id": "not-a-uuid"}, RejectReason.MALFORMED_HEADER),
+        ({"base_version": -1}, RejectReason.MALFORMED_HEADER),
+        ({"base_version": "3"}, RejectReason.MALFORMED_HEADER),
+        ({"num_samples": 0}, RejectReason.MALFORMED_HEADER),
+        ({"num_samples": 10**12}, RejectReason.MALFORMED_HEADER),
+        ({"kind": "gradient"}, RejectReason.MALFORMED_HEADER),
+        ({"codec": "zip"}, RejectReason.MALFORMED_HEADER),
+        ({"schema_version": 99}, RejectReason.MALFORMED_HEADER),
+        ({"device_id": "x" * 500}, RejectReason.MALFORMED_HEADER),
+        ({"device_id": b"\xff\xfe"}, RejectReason.MALFORMED_HEADER),
+        ({"train_metrics": {"loss": float("nan")}}, RejectReason.MALFORMED_HEADER),
+        ({"unexpected": "field"}, RejectReason.MALFORMED_HEADER),
+        ({"job": "another-job"}, RejectReason.UNKNOWN_JOB),
+    ],
+)
+def test_bad_headers_are_rejected_with_reason(
+    changes: dict[str, Any], reason: RejectReason
+) -> None:
+    with pytest.raises(Rejection) as caught:
+        parse_header(_headers(**changes), JOB)
+    assert caught.value.reason == reason
+
+
+def test_missing_field_is_malformed() -> None:
+    raw = _headers()
+    del raw["payload_sha256"]
+    with pytest.raises(Rejection) as caught:
+        parse_header(raw, JOB)
+    assert caught.value.reason == RejectReason.MALFORMED_HEADER
+
+
+def test_too_many_headers_is_malformed() -> None:
+    raw = {**_headers(), **{f"h{i}": i for i in range(100)}}
+    with pytest.raises(Rejection) as caught:
+        parse_header(raw, JOB)
+    assert caught.value.reason == RejectReason.MALFORMED_HEADER
+
+
+@pytest.mark.parametrize(
+    ("changes", "body", "reason"),
+    [
+        ({"payload_bytes": 5000}, BODY, RejectReason.OVERSIZED),
+        ({"payload_bytes": 11}, BODY, RejectReason.SIZE_MISMATCH),
+        ({"payload": "blob"}, BODY, RejectReason.UNEXPECTED_BODY),
+    ],
+)
+def test_size_checks(changes: dict[str, Any], body: bytes, reason: RejectReason) -> None:
+    header = parse_header(_headers(**changes), JOB)
+    with pytest.raises(Rejection) as caught:
+        check_sizes(header, body, _config())
+    assert caught.value.reason == reason
+
+
+def test_hash_mismatch() -> None:
+    header = parse_header(_headers(), JOB)
+    with pytest.raises(Rejection) as caught:
+        check_payload(header, b"9876543210")
+    assert caught.value.reason == RejectReason.HASH_MISMATCH
+
+
+def test_good_payload_passes_every_check() -> None:
+    header = parse_header(_headers(), JOB)
+    check_sizes(header, BODY, _config())
+    check_payload(header, BODY)
