@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -327,6 +328,13 @@ def evaluator(
 def status(
     job: JobOption,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    watch: Annotated[
+        float | None,
+        typer.Option(min=0.5, help="Print a progress line every WATCH seconds (Ctrl-C ends)."),
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(min=0.0, help="With --watch: stop after this many seconds.")
+    ] = None,
     amqp_url: AmqpUrl = DEFAULT_AMQP_URL,
     redis_url: RedisUrl = DEFAULT_REDIS_URL,
 ) -> None:
@@ -342,6 +350,9 @@ def status(
             await store.close()
             await broker.close()
 
+    if watch is not None:
+        _run(_watch(settings, job, watch, duration))
+        return
     summary = _run(read())
     if as_json:
         typer.echo(json.dumps(summary))
@@ -350,3 +361,23 @@ def status(
     for key, value in summary.items():
         table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
     Console().print(table)
+
+
+async def _watch(
+    settings: ConnectionSettings, job: str, interval: float, duration: float | None
+) -> None:
+    """Print one progress line per interval: version, accuracy, applied and rejected counts."""
+    store = open_store(settings, job)
+    started = time.monotonic()
+    try:
+        while duration is None or time.monotonic() - started < duration:
+            s = await job_status(store)
+            accuracy = "  n/a" if s["accuracy"] is None else f"{s['accuracy']:.3f}"
+            typer.echo(
+                f"{time.monotonic() - started:6.0f}s  version {s['version']:4d}  "
+                f"accuracy {accuracy} (v{s['evaluated_version']})  "
+                f"applied {s['applied_updates']:5d}  dead-lettered {s['dead_lettered']}"
+            )
+            await asyncio.sleep(interval)
+    finally:
+        await store.close()

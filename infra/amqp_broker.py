@@ -9,6 +9,7 @@ import struct
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,6 +40,7 @@ DETAIL_LIMIT = 500
 MAX_HEADER_BYTES = 64 * 1024
 MAX_KEY_BYTES = 128
 ANNOUNCE_TIMEOUT = 5.0
+RECONNECT_POLL = 0.1
 
 # The link to the broker is down or the channel/delivery it belongs to is gone: worth a retry.
 _LINK_ERRORS: tuple[type[BaseException], ...] = (
@@ -49,7 +51,8 @@ _LINK_ERRORS: tuple[type[BaseException], ...] = (
 )
 # Anything that can go wrong on a best-effort send or close: the link, or a refusal.
 _ANY_AMQP_ERRORS: tuple[type[BaseException], ...] = (aiormq.exceptions.AMQPError, *_LINK_ERRORS)
-_ENCODE_ERRORS = (TypeError, ValueError, OverflowError, struct.error)
+_RESUBSCRIBE_ERRORS: tuple[type[BaseException], ...] = (JobNotFound, *_ANY_AMQP_ERRORS)
+_ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, struct.error)
 
 
 def encode_headers(headers: Mapping[str, Any]) -> bytes:
@@ -141,9 +144,9 @@ class AmqpBroker:
     """The Broker on RabbitMQ: one robust connection, one confirming publisher channel.
 
     `publish` waits at most `timeout` for each confirm (PublishError if none comes); across a
-    lost connection it republishes the same message until `publish_timeout` has passed since
-    the call began, then raises BackendUnavailable. Other operations are bounded by
-    `publish_timeout` as well, since a robust channel waits for the connection without limit.
+    lost connection it republishes the same message until max(timeout, publish_timeout) has
+    passed since the call began, then raises BackendUnavailable. Other operations are bounded
+    by `publish_timeout` too, since a robust channel waits for the connection without limit.
     """
 
     def __init__(
@@ -300,7 +303,13 @@ class AmqpBroker:
     async def _wait_ready(self, seconds: float, what: str) -> None:
         try:
             async with asyncio.timeout(seconds):
+                # ready() returns at once until the close callbacks have run, and awaiting a set
+                # event does not yield: sleep so the robust connection can notice and restore.
+                await asyncio.sleep(RECONNECT_POLL)
                 await self._channel.ready()
+                while self._channel.is_closed:
+                    await asyncio.sleep(RECONNECT_POLL)
+                    await self._channel.ready()
         except TimeoutError as exc:
             raise BackendUnavailable(f"{what}: no reconnection within the deadline") from exc
 
@@ -492,14 +501,20 @@ class AmqpDelivery:
         await self.ack()
 
 
-_STOP = object()
+@dataclass(frozen=True)
+class _End:
+    """Queued behind the messages a consumer still has: stop there, or fail with `error`."""
+
+    error: BackendUnavailable | None = None
 
 
 class AmqpConsumer:
     """An async iterator of deliveries on a channel of its own, closed when iteration ends.
 
     Ending (idle timeout, `aclose`, a cancelled `__anext__`, or the broker closing) cancels the
-    consumer and closes the channel, so every unacked message goes back to the queue.
+    consumer and closes the channel, so every unacked message goes back to the queue. After a
+    reconnect it consumes again by itself; if the queue is gone by then, or the broker cancels
+    the consumer (queue deleted), iteration fails with BackendUnavailable.
     """
 
     def __init__(
@@ -509,7 +524,7 @@ class AmqpConsumer:
         self._job = job
         self._prefetch = prefetch
         self._idle_timeout = idle_timeout
-        self._buffer: asyncio.Queue[AbstractIncomingMessage | object] = asyncio.Queue()
+        self._buffer: asyncio.Queue[AbstractIncomingMessage | _End] = asyncio.Queue()
         self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: ConsumerTag | None = None
@@ -525,11 +540,8 @@ class AmqpConsumer:
             if self._channel is None:
                 await self._start()
             return await self._next()
-        except StopAsyncIteration:
-            await self.aclose()
-            raise
         except BaseException:
-            # Cancelled or failed: give every unacked message back before going.
+            # Idle, cancelled or failed: give every unacked message back before going.
             await self.aclose()
             raise
 
@@ -537,25 +549,42 @@ class AmqpConsumer:
         async with self._broker._operation(f"consume job {self._job!r}"):
             self._channel = self._broker._connection.channel(publisher_confirms=False)
             await self._channel.initialize()
+            # The robust channel re-applies this QoS whenever it reopens.
             await self._channel.set_qos(prefetch_count=self._prefetch)
-            name = keys.updates_queue(self._job)
-            try:
-                # Robust, so the consumer is restored after a reconnect.
-                self._queue = await self._channel.declare_queue(name, passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                raise JobNotFound(f"job {self._job!r} has no queue {name}") from exc
-            self._tag = await self._queue.consume(self._buffer.put, no_ack=False)
-            underlay = await self._channel.get_underlay_channel()
-            underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
+            await self._subscribe(self._channel)
+            self._channel.reopen_callbacks.add(self._resubscribe)
+
+    async def _subscribe(self, channel: AbstractRobustChannel) -> None:
+        name = keys.updates_queue(self._job)
+        try:
+            # robust=False: aio-pika would re-declare it on reconnect, and a queue deleted in
+            # the meantime would then fail the whole connection's recovery, again and again.
+            self._queue = await channel.declare_queue(name, passive=True, robust=False)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise JobNotFound(f"job {self._job!r} has no queue {name}") from exc
+        self._tag = await self._queue.consume(self._buffer.put, no_ack=False)
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
+
+    async def _resubscribe(self, channel: AbstractRobustChannel | None, /) -> None:
+        """Consume again on the channel the robust connection has just reopened."""
+        if self._closing is not None or channel is None:
+            return
+        try:
+            await self._subscribe(channel)
+        except _RESUBSCRIBE_ERRORS as exc:
+            lost = BackendUnavailable(f"cannot consume job {self._job!r} again: {exc!r}")
+            self._buffer.put_nowait(_End(lost))
 
     def _on_cancel(self, frame: Basic.Cancel) -> None:
         if frame.consumer_tag == self._tag:
             # The broker cancelled us, typically because the queue was deleted.
-            self._buffer.put_nowait(frame)
+            lost = BackendUnavailable(f"the broker cancelled the consumer of job {self._job!r}")
+            self._buffer.put_nowait(_End(lost))
 
     def stop(self) -> None:
-        """End the iteration at the next wait (the broker is closing)."""
-        self._buffer.put_nowait(_STOP)
+        """End the iteration once the messages already received are yielded."""
+        self._buffer.put_nowait(_End())
 
     async def _next(self) -> Delivery:
         loop = asyncio.get_running_loop()
@@ -566,11 +595,10 @@ class AmqpConsumer:
                     item = await self._buffer.get()
             except TimeoutError:
                 raise StopAsyncIteration from None
-            if item is _STOP:
+            if isinstance(item, _End):
+                if item.error is not None:
+                    raise item.error
                 raise StopAsyncIteration
-            if isinstance(item, Basic.Cancel):
-                raise BackendUnavailable(f"the broker cancelled the consumer of {self._job!r}")
-            assert isinstance(item, AbstractIncomingMessage)
             try:
                 item.channel  # noqa: B018 - raises once the delivering channel is gone
             except aiormq.exceptions.ChannelInvalidStateError:
@@ -586,7 +614,10 @@ class AmqpConsumer:
 
     async def _shutdown(self) -> None:
         channel, queue, tag = self._channel, self._queue, self._tag
-        if channel is None or channel.is_closed:
+        if channel is None:
+            return
+        channel.reopen_callbacks.discard(self._resubscribe)
+        if channel.is_closed:
             return
         try:
             async with asyncio.timeout(self._broker.publish_timeout):

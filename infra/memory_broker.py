@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from collections import deque
 from collections.abc import Mapping
@@ -15,8 +14,6 @@ from infra.amqp_broker import DELIVERY_LIMIT, DETAIL_LIMIT, header_dict, roundtr
 from infra.errors import BackendUnavailable, JobNotFound, PublishError
 from infra.protocols import DeadLetter, Delivery
 from schemas import UpdateHeader
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,7 +32,8 @@ class _JobQueues:
     dead: list[DeadLetter] = field(default_factory=list)
     # In arrival order: the first one is the single active consumer.
     consumers: list[MemoryConsumer] = field(default_factory=list)
-    log: list[_Message] | None = None
+    # Every message published, when the job was declared with its log stream.
+    stream: list[_Message] | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def dispatch(self) -> None:
@@ -82,8 +80,8 @@ class MemoryBroker:
     async def declare_job(self, job: str, *, log_stream: bool = False) -> None:
         """Create (idempotently) the job's update queue, dead-letter queue and bindings."""
         queues = self._jobs.setdefault(job, _JobQueues(job))
-        if log_stream and queues.log is None:
-            queues.log = []
+        if log_stream and queues.stream is None:
+            queues.stream = []
 
     async def delete_job(self, job: str) -> None:
         """Remove the job's queues (tests and `fedq job delete`)."""
@@ -117,8 +115,8 @@ class MemoryBroker:
         # aiormq gives a message without an id a random one: do the same.
         message = _Message(message_id or uuid.uuid4().hex, received, bytes(body))
         queues.ready.append(message)
-        if queues.log is not None:
-            queues.log.append(message)
+        if queues.stream is not None:
+            queues.stream.append(message)
         queues.dispatch()
 
     def consume(
@@ -145,7 +143,7 @@ class MemoryBroker:
 
     def logged(self, job: str) -> list[tuple[str, dict[str, Any], bytes]]:
         """Return (message id, headers, body) of every update the job's log stream recorded."""
-        recorded = self._job(job).log or []
+        recorded = self._job(job).stream or []
         return [(m.message_id, dict(m.headers), m.body) for m in recorded]
 
     async def close(self) -> None:

@@ -155,7 +155,7 @@ async def test_cancelled_consumer_gives_messages_back(broker: Broker, job: str) 
     [held] = await take(deliveries, 1)
 
     # act: cancel the task that waits for the next delivery
-    waiting = asyncio.create_task(anext(deliveries))
+    waiting = asyncio.create_task(take(deliveries, 1))
     await asyncio.sleep(0.2)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -379,3 +379,18 @@ async def test_declare_job_is_idempotent_and_optionally_logs(broker: Broker, job
     assert await depth(broker, job, (1, 0)) == (1, 0)
     if isinstance(broker, MemoryBroker):
         assert [m[0] for m in broker.logged(job)] == [header.update_id]
+
+
+async def test_deleting_the_job_fails_its_consumer(broker: Broker, job_id: str) -> None:
+    # arrange
+    await broker.declare_job(job_id)
+    deliveries = broker.consume(job_id, prefetch=1)
+    waiting = asyncio.create_task(take(deliveries, 1))
+    await asyncio.sleep(0.3)
+
+    # act
+    await broker.delete_job(job_id)
+
+    # assert
+    with pytest.raises(BackendUnavailable):
+        await waiting

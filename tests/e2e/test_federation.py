@@ -59,7 +59,8 @@ def _stop(process: subprocess.Popen[bytes], timeout: float = 20) -> int:
 
 async def test_processes_learn_with_a_slow_device(job_id: str, tmp_path: Path) -> None:
     # Arrange: create the job exactly as the compose job-init step does
-    subprocess.run(
+    await asyncio.to_thread(
+        subprocess.run,
         [
             sys.executable,
             "-m",
@@ -107,7 +108,7 @@ async def test_processes_learn_with_a_slow_device(job_id: str, tmp_path: Path) -
         # Act: wait for every agent to send all its updates
         agents = [p for name, p in processes.items() if name.startswith("dev-")]
         deadline = time.monotonic() + 240
-        while any(p.poll() is None for p in agents) and time.monotonic() < deadline:
+        while any(p.poll() is None for p in agents) and time.monotonic() < deadline:  # noqa: ASYNC110 - polling other processes, not a task
             await asyncio.sleep(1)
         assert [p.poll() for p in agents] == [0] * 4, _logs(tmp_path)
         # Let the aggregator fold what is queued (a partial buffer stays unacked) and the

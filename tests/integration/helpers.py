@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from infra.memory_broker import MemoryBroker
 
 from infra.amqp_broker import AmqpBroker
+from infra.memory_broker import MemoryBroker
 from infra.memory_store import MemoryModelStore, MemoryStoreHub
 from infra.protocols import Broker, ModelStore
 from infra.redis_store import RedisModelStore

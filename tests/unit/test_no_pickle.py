@@ -37,13 +37,29 @@ def _violations(source: str) -> list[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             if node.module.split(".")[0] in BANNED_MODULES:
                 found.append(node.module)
-        elif isinstance(node, ast.Attribute) and node.attr == "load":
-            if isinstance(node.value, ast.Name) and node.value.id == "torch":
-                found.append("torch.load")
-        elif isinstance(node, ast.keyword) and node.arg == "allow_pickle":
-            if isinstance(node.value, ast.Constant) and node.value.value is True:
-                found.append("allow_pickle=True")
+        elif _is_torch_load(node):
+            found.append("torch.load")
+        elif _is_allow_pickle(node):
+            found.append("allow_pickle=True")
     return found
+
+
+def _is_torch_load(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr == "load"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "torch"
+    )
+
+
+def _is_allow_pickle(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.keyword)
+        and node.arg == "allow_pickle"
+        and isinstance(node.value, ast.Constant)
+        and node.value.value is True
+    )
 
 
 @pytest.mark.parametrize(
