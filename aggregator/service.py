@@ -127,7 +127,7 @@ class Aggregator:
                 await self.handle(delivery)
         finally:
             stop_wait.cancel()
-            await deliveries.aclose()  # type: ignore[attr-defined]
+            await deliveries.aclose()
         return self.stats
 
     async def handle(self, delivery: Delivery) -> None:
@@ -268,7 +268,8 @@ class Aggregator:
         log.warning(
             "dead-lettering message %s of job %s: %s", delivery.message_id, self.job, rejection
         )
-        await self._retry(lambda: delivery.dead_letter(reason, rejection.detail))
+        # Like an ack, a failed dead-lettering only costs a redelivery (and a second verdict).
+        await _settle(delivery.dead_letter(reason, rejection.detail))
         await self._retry(lambda: self.store.count_rejection(reason))
 
     async def _retry(self, operation: Callable[[], Awaitable[T]]) -> T:

@@ -6,7 +6,7 @@ the implementation from a URL (`amqp://`, `redis://` or `memory://`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +43,14 @@ class Delivery(Protocol):
     async def requeue(self) -> None:
         """Settle: give the message back to the queue for a later delivery."""
         ...
+
+
+class DeliveryStream(Protocol):
+    """The deliveries of one consumer; `aclose` stops consuming and returns unacked ones."""
+
+    def __aiter__(self) -> DeliveryStream: ...
+    async def __anext__(self) -> Delivery: ...
+    async def aclose(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,7 @@ class Broker(Protocol):
 
     def consume(
         self, job: str, *, prefetch: int, idle_timeout: float | None = None
-    ) -> AsyncIterator[Delivery]:
+    ) -> DeliveryStream:
         """Yield deliveries from the job's update queue with manual acks.
 
         With `idle_timeout`, stop after that many seconds without a message (drain mode);

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 import pytest
 
 from infra.amqp_broker import AmqpBroker
-from infra.errors import BackendUnavailable
 from infra.memory_broker import MemoryBroker
 from infra.protocols import Broker
 from tests.conftest import AMQP_URL
@@ -15,15 +14,12 @@ from tests.conftest import AMQP_URL
 
 @pytest.fixture(params=["memory", "amqp"])
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
-    """A fresh broker of each kind; the amqp one is skipped when RabbitMQ is not running."""
+    """A fresh broker of each kind (RabbitMQ must be running: scripts/services.sh starts it)."""
     backend: Broker
     if request.param == "memory":
         backend = MemoryBroker()
     else:
-        try:
-            backend = await AmqpBroker.connect(AMQP_URL, publish_timeout=10.0)
-        except BackendUnavailable as exc:
-            pytest.skip(f"RabbitMQ is not reachable at {AMQP_URL}: {exc}")
+        backend = await AmqpBroker.connect(AMQP_URL, publish_timeout=10.0)
     yield backend
     await backend.close()
 

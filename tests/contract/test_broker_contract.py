@@ -116,7 +116,7 @@ async def test_headers_body_and_id_round_trip(broker: Broker, job: str) -> None:
         deliveries = broker.consume(job, prefetch=1)
         delivery = await anext(deliveries)
         await delivery.ack()
-        await deliveries.aclose()  # type: ignore[attr-defined]
+        await deliveries.aclose()
 
     # assert: string headers come back as str, floats as exact doubles, the header validates
     assert delivery.message_id == header.update_id
@@ -136,7 +136,7 @@ async def test_unacked_message_comes_back_redelivered_after_consumer_stops(
     [held] = await take(first, 1)
 
     # act: stop the consumer without settling
-    await first.aclose()  # type: ignore[attr-defined]
+    await first.aclose()
     second = broker.consume(job, prefetch=1, idle_timeout=0.5)
     [again] = await take(second, 1)
     await again.ack()
@@ -166,9 +166,11 @@ async def test_cancelled_consumer_gives_messages_back(broker: Broker, job: str) 
         await anext(deliveries)
     with pytest.raises(BackendUnavailable):
         await held.ack()
-    [again] = await take(broker.consume(job, prefetch=1), 1)
+    second = broker.consume(job, prefetch=1, idle_timeout=0.5)
+    [again] = await take(second, 1)
     assert (again.message_id, again.redelivered) == (header.update_id, True)
     await again.ack()
+    assert await rest(second) == []
 
 
 async def test_requeue_redelivers_first(broker: Broker, job: str) -> None:
@@ -300,11 +302,11 @@ async def test_single_active_consumer(broker: Broker, job: str) -> None:
     # assert: nothing for the standby until the active one stops; only the active one counts
     assert not waiting.done()
     assert await depth(broker, job, (0, 1)) == (0, 1)
-    await active.aclose()  # type: ignore[attr-defined]
+    await active.aclose()
     [taken] = await waiting
     assert (taken.message_id, taken.redelivered) == (header.update_id, True)
     assert not held.redelivered
-    await standby.aclose()  # type: ignore[attr-defined]
+    await standby.aclose()
 
 
 async def test_prefetch_bounds_unacked_deliveries(broker: Broker, job: str) -> None:
@@ -356,7 +358,7 @@ async def test_queue_depth_counts_ready_messages_and_consumers(broker: Broker, j
     assert await depth(broker, job, (2, 1)) == (2, 1)
 
     await delivery.ack()
-    await deliveries.aclose()  # type: ignore[attr-defined]
+    await deliveries.aclose()
     assert await depth(broker, job, (2, 0)) == (2, 0)
 
 
