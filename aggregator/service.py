@@ -72,6 +72,7 @@ class Aggregator:
         self._retry_seconds = retry_seconds
         self._stopping = asyncio.Event()
         self._pending: dict[str, Delivery] = {}
+        self._pending_bytes: dict[str, int] = {}
         self._base_cache: dict[int, Model] = {}
         self.config: JobConfig
         self.strategy: Strategy
@@ -95,6 +96,7 @@ class Aggregator:
     async def __aexit__(self, *exc_info: object) -> None:
         # Buffered deliveries are left unacked: closing the consumer returns them to the queue.
         self._pending.clear()
+        self._pending_bytes.clear()
         self.strategy.reset()
 
     @property
@@ -158,10 +160,12 @@ class Aggregator:
             # `add` changes the model in place; later stale updates still need this version.
             self._remember_base(self.version, {k: v.clone() for k, v in self.model.items()})
         self._pending[header.update_id] = delivery
+        self._pending_bytes[header.update_id] = header.payload_bytes
         try:
             receipts = await asyncio.to_thread(self.strategy.add, self.model, contribution)
         except BaseException:
             del self._pending[header.update_id]
+            del self._pending_bytes[header.update_id]
             raise
         if receipts is not None:
             await self._commit(receipts)
@@ -239,6 +243,7 @@ class Aggregator:
             devices=[r.device_id for r in receipts],
             staleness=[r.staleness for r in receipts],
             num_samples=sum(r.num_samples for r in receipts),
+            update_bytes=sum(self._pending_bytes.get(r.update_id, 0) for r in receipts),
         )
         try:
             await self._retry(lambda: self.store.commit(self.version, model_bytes, meta))
@@ -258,6 +263,7 @@ class Aggregator:
         )
         for receipt in receipts:
             delivery = self._pending.pop(receipt.update_id)
+            self._pending_bytes.pop(receipt.update_id, None)
             await _settle(delivery.ack())
         await self._retry(lambda: self.store.delete_blobs(meta.contributors))
         await self.broker.announce_version(self.job, new_version)

@@ -41,6 +41,7 @@ class DeviceAgent:
         num_devices: int | None = None,
         dirichlet: float | None = None,
         slowdown: float = 1.0,
+        device_index: int | None = None,
         codec: Codec = "none",
         retry_seconds: float = 1.0,
     ) -> None:
@@ -52,6 +53,7 @@ class DeviceAgent:
         self.codec: Codec = codec
         self.sent = 0
         self._num_devices = num_devices
+        self._device_index = device_index
         self._dirichlet = dirichlet
         self._retry_seconds = retry_seconds
         self._stopping = asyncio.Event()
@@ -63,7 +65,12 @@ class DeviceAgent:
         training = self.config.training
         task = get_task(self.config.task)
         data = await asyncio.to_thread(task.load_data, training.seed)
-        self.device_index = await self._retry(lambda: self.store.claim_device_index(self.device_id))
+        if self._device_index is not None:
+            self.device_index = self._device_index
+        else:
+            self.device_index = await self._retry(
+                lambda: self.store.claim_device_index(self.device_id)
+            )
         num_devices = self._num_devices or training.num_devices
         shard = device_shard(
             data.y_train.numpy(),

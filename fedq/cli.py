@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Coroutine
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import torch
 import typer
@@ -18,7 +18,7 @@ from rich.table import Table
 from aggregator.runner import serve as serve_aggregator
 from aggregator.service import Fenced
 from device_agent.runner import serve_agent, serve_evaluator
-from device_agent.tasks import TASKS
+from fedq import options as opt
 from fedq.jobs import create_job, initial_job, job_status
 from infra.connect import open_broker, open_store
 from infra.errors import BackendUnavailable, JobExists, JobNotFound
@@ -29,12 +29,9 @@ from infra.settings import (
     AggregatorSettings,
     ConnectionSettings,
 )
-from schemas import StalenessConfig, StrategyConfig, TrainingConfig
+from schemas import TrainingConfig
 
 T = TypeVar("T")
-# Option defaults come from the schema, so the CLI and the config never disagree.
-_STRATEGY = StrategyConfig()
-_TRAINING = TrainingConfig()
 
 app = typer.Typer(
     help=(
@@ -50,25 +47,6 @@ app = typer.Typer(
 )
 job_app = typer.Typer(help="Create or delete federated jobs.", no_args_is_help=True)
 app.add_typer(job_app, name="job")
-
-JobOption = Annotated[
-    str, typer.Option("--job", "-j", envvar="FEDQ_JOB", help="Job id (letters, digits, _.-).")
-]
-AmqpUrl = Annotated[
-    str,
-    typer.Option(envvar="FEDQ_AMQP_URL", help="RabbitMQ URL (amqp:// or amqps://)."),
-]
-RedisUrl = Annotated[
-    str,
-    typer.Option(envvar="FEDQ_REDIS_URL", help="Redis URL (redis:// or rediss://)."),
-]
-LogLevel = Annotated[str, typer.Option(envvar="FEDQ_LOG_LEVEL", help="Logging level.")]
-
-
-def _task_name(value: str) -> str:
-    if value not in TASKS:
-        raise typer.BadParameter(f"unknown task {value!r}; known: {', '.join(sorted(TASKS))}")
-    return value
 
 
 def _fail(message: str) -> typer.Exit:
@@ -100,85 +78,43 @@ def _logging(level: str) -> None:
 
 @job_app.command("create")
 def job_create(
-    job: JobOption,
-    task: Annotated[
-        str, typer.Option(callback=_task_name, help=f"Task: {', '.join(sorted(TASKS))}.")
-    ] = "mnist1d-cnn",
-    strategy: Annotated[
-        Literal["fedbuff", "fedasync", "fedavg"],
-        typer.Option(
-            help="fedbuff (buffered async), fedasync (one version per update), "
-            "fedavg (synchronous rounds, the baseline)."
-        ),
-    ] = "fedbuff",
-    buffer_size: Annotated[
-        int,
-        typer.Option(min=1, help="FedBuff: updates per version (K). FedAvg: devices per round."),
-    ] = _STRATEGY.buffer_size,
-    alpha: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="FedAsync mixing weight.")
-    ] = _STRATEGY.alpha,
-    staleness: Annotated[
-        Literal["constant", "polynomial", "hinge", "sqrt"],
-        typer.Option(
-            help="Staleness weight s(tau): constant 1, polynomial (tau+1)^-a, "
-            "hinge (1 up to b, then 1/(a(tau-b)+1)), sqrt 1/sqrt(1+tau)."
-        ),
-    ] = _STRATEGY.staleness.name,
-    staleness_a: Annotated[
-        float, typer.Option(min=0.0, help="The a of polynomial/hinge.")
-    ] = _STRATEGY.staleness.a,
-    staleness_b: Annotated[
-        int, typer.Option(min=0, help="The b of hinge.")
-    ] = _STRATEGY.staleness.b,
-    max_staleness: Annotated[
-        int, typer.Option(min=0, help="Updates staler than this many versions are rejected.")
-    ] = _STRATEGY.max_staleness,
-    server_lr: Annotated[
-        float, typer.Option(min=0.0, help="Server learning rate eta_g.")
-    ] = _STRATEGY.server_lr,
-    server_optimizer: Annotated[
-        Literal["none", "fedavgm", "fedadam", "fedyogi"],
-        typer.Option(help="Server optimizer over the averaged delta (FedBuff and FedAvg)."),
-    ] = _STRATEGY.server_optimizer,
-    weighting: Annotated[
-        Literal["samples", "uniform"], typer.Option(help="Weight updates by sample count or 1.")
-    ] = _STRATEGY.weighting,
-    local_epochs: Annotated[
-        int, typer.Option(min=1, help="Local epochs per round.")
-    ] = _TRAINING.local_epochs,
-    batch_size: Annotated[
-        int, typer.Option(min=1, help="Local minibatch size.")
-    ] = _TRAINING.batch_size,
-    lr: Annotated[float, typer.Option(min=0.0, help="Local learning rate.")] = _TRAINING.lr,
-    optimizer: Annotated[
-        Literal["sgd", "adam"], typer.Option(help="Local optimizer.")
-    ] = _TRAINING.optimizer,
-    prox_mu: Annotated[
-        float, typer.Option(min=0.0, help="FedProx proximal term mu (0: off).")
-    ] = _TRAINING.prox_mu,
+    job: opt.Job,
+    task: opt.Task = "mnist1d-cnn",
+    strategy: opt.Strategy = "fedbuff",
+    buffer_size: opt.BufferSize = opt.STRATEGY.buffer_size,
+    alpha: opt.Alpha = opt.STRATEGY.alpha,
+    staleness: opt.Staleness = opt.STRATEGY.staleness.name,
+    staleness_a: opt.StalenessA = opt.STRATEGY.staleness.a,
+    staleness_b: opt.StalenessB = opt.STRATEGY.staleness.b,
+    max_staleness: opt.MaxStaleness = opt.STRATEGY.max_staleness,
+    server_lr: opt.ServerLr = opt.STRATEGY.server_lr,
+    server_optimizer: opt.ServerOptimizer = opt.STRATEGY.server_optimizer,
+    weighting: opt.Weighting = opt.STRATEGY.weighting,
+    local_epochs: opt.LocalEpochs = opt.TRAINING.local_epochs,
+    batch_size: opt.BatchSize = opt.TRAINING.batch_size,
+    lr: opt.Lr = opt.TRAINING.lr,
+    optimizer: opt.Optimizer = opt.TRAINING.optimizer,
+    prox_mu: opt.ProxMu = opt.TRAINING.prox_mu,
     num_devices: Annotated[
         int, typer.Option(min=1, help="How many shards the training data is split into.")
-    ] = _TRAINING.num_devices,
-    dirichlet: Annotated[
-        float, typer.Option(min=0.0, help="Dirichlet alpha of the non-IID split (small: skewed).")
-    ] = _TRAINING.dirichlet_alpha,
-    seed: Annotated[
-        int, typer.Option(min=0, help="Seed of the model init and the split.")
-    ] = _TRAINING.seed,
+    ] = opt.TRAINING.num_devices,
+    dirichlet: opt.Dirichlet = opt.TRAINING.dirichlet_alpha,
+    seed: opt.Seed = opt.TRAINING.seed,
     if_not_exists: Annotated[
         bool, typer.Option(help="Succeed without change if the job exists already.")
     ] = False,
-    amqp_url: AmqpUrl = DEFAULT_AMQP_URL,
-    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    amqp_url: opt.AmqpUrl = DEFAULT_AMQP_URL,
+    redis_url: opt.RedisUrl = DEFAULT_REDIS_URL,
 ) -> None:
     """Create a job: store its config and initial model (version 0), declare its queues."""
-    strategy_config = StrategyConfig(
-        name=strategy,
-        staleness=StalenessConfig(name=staleness, a=staleness_a, b=staleness_b),
-        max_staleness=max_staleness,
-        alpha=alpha,
+    strategy_config = opt.strategy_config(
+        strategy,
         buffer_size=buffer_size,
+        alpha=alpha,
+        staleness=staleness,
+        staleness_a=staleness_a,
+        staleness_b=staleness_b,
+        max_staleness=max_staleness,
         server_lr=server_lr,
         server_optimizer=server_optimizer,
         weighting=weighting,
@@ -216,7 +152,9 @@ def job_create(
 
 @job_app.command("delete")
 def job_delete(
-    job: JobOption, amqp_url: AmqpUrl = DEFAULT_AMQP_URL, redis_url: RedisUrl = DEFAULT_REDIS_URL
+    job: opt.Job,
+    amqp_url: opt.AmqpUrl = DEFAULT_AMQP_URL,
+    redis_url: opt.RedisUrl = DEFAULT_REDIS_URL,
 ) -> None:
     """Delete a job: every Redis key and RabbitMQ queue it owns."""
     settings = ConnectionSettings(amqp_url=amqp_url, redis_url=redis_url)
@@ -237,7 +175,7 @@ def job_delete(
 
 @app.command()
 def aggregator(
-    job: JobOption,
+    job: opt.Job,
     prefetch: Annotated[
         int | None, typer.Option(min=1, help="Unacked updates in flight (default: 2 x buffer).")
     ] = None,
@@ -245,9 +183,9 @@ def aggregator(
         float | None,
         typer.Option(min=0.0, help="Drain mode: exit after this many seconds with no update."),
     ] = None,
-    amqp_url: AmqpUrl = DEFAULT_AMQP_URL,
-    redis_url: RedisUrl = DEFAULT_REDIS_URL,
-    log_level: LogLevel = "INFO",
+    amqp_url: opt.AmqpUrl = DEFAULT_AMQP_URL,
+    redis_url: opt.RedisUrl = DEFAULT_REDIS_URL,
+    log_level: opt.LogLevel = "INFO",
 ) -> None:
     """Run the aggregator of a job until SIGTERM (same as `python -m aggregator`)."""
     _logging(log_level)
@@ -263,7 +201,7 @@ def aggregator(
 
 @app.command()
 def agent(
-    job: JobOption,
+    job: opt.Job,
     device_id: Annotated[
         str, typer.Option(envvar="FEDQ_DEVICE_ID", help="Device id (default: the hostname).")
     ] = "",
@@ -280,9 +218,9 @@ def agent(
         float,
         typer.Option(min=1.0, help="Emulate slow hardware: wait (slowdown-1) x compute time."),
     ] = 1.0,
-    amqp_url: AmqpUrl = DEFAULT_AMQP_URL,
-    redis_url: RedisUrl = DEFAULT_REDIS_URL,
-    log_level: LogLevel = "INFO",
+    amqp_url: opt.AmqpUrl = DEFAULT_AMQP_URL,
+    redis_url: opt.RedisUrl = DEFAULT_REDIS_URL,
+    log_level: opt.LogLevel = "INFO",
 ) -> None:
     """Run one device: fetch the latest model, train on the local shard, publish, repeat."""
     _logging(log_level)
@@ -303,13 +241,13 @@ def agent(
 
 @app.command()
 def evaluator(
-    job: JobOption,
+    job: opt.Job,
     max_versions: Annotated[
         int | None, typer.Option(min=1, help="Stop after evaluating this many versions.")
     ] = None,
-    amqp_url: AmqpUrl = DEFAULT_AMQP_URL,
-    redis_url: RedisUrl = DEFAULT_REDIS_URL,
-    log_level: LogLevel = "INFO",
+    amqp_url: opt.AmqpUrl = DEFAULT_AMQP_URL,
+    redis_url: opt.RedisUrl = DEFAULT_REDIS_URL,
+    log_level: opt.LogLevel = "INFO",
 ) -> None:
     """Evaluate every new global version on the held-out split and record its accuracy."""
     _logging(log_level)
@@ -326,7 +264,7 @@ def evaluator(
 
 @app.command()
 def status(
-    job: JobOption,
+    job: opt.Job,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     watch: Annotated[
         float | None,
@@ -335,8 +273,8 @@ def status(
     duration: Annotated[
         float | None, typer.Option(min=0.0, help="With --watch: stop after this many seconds.")
     ] = None,
-    amqp_url: AmqpUrl = DEFAULT_AMQP_URL,
-    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    amqp_url: opt.AmqpUrl = DEFAULT_AMQP_URL,
+    redis_url: opt.RedisUrl = DEFAULT_REDIS_URL,
 ) -> None:
     """Show a job's version, latest accuracy, applied and dead-lettered updates, queue depth."""
     settings = ConnectionSettings(amqp_url=amqp_url, redis_url=redis_url)

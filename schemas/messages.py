@@ -142,6 +142,8 @@ class VersionMeta(_Frozen):
     devices: list[DeviceId] = Field(default_factory=list, max_length=100_000)
     staleness: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=100_000)
     num_samples: int = Field(default=0, ge=0)
+    # Payload bytes of the contributing updates as they crossed the wire.
+    update_bytes: int = Field(default=0, ge=0)
     eval: Metrics | None = None
 
     @model_validator(mode="after")
