@@ -41,6 +41,7 @@ class AggregatorStats:
 
     received: int = 0
     applied: int = 0
+    staleness_total: int = 0
     duplicates: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     versions: int = 0
@@ -254,6 +255,7 @@ class Aggregator:
         self.version = new_version
         self.stats.versions += 1
         self.stats.applied += len(receipts)
+        self.stats.staleness_total += sum(meta.staleness)
         log.info(
             "committed version %d of job %s from %d updates (staleness %s)",
             new_version,

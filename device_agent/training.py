@@ -6,6 +6,7 @@ and publishes what comes back. It never sets torch's thread count; the entrypoin
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -43,7 +44,8 @@ def train_local(
     """Train `model` in place for `cfg.local_epochs` epochs on (x, y).
 
     With `cfg.prox_mu > 0` the loss gains FedProx's (mu/2)*||w - w_global||^2, where
-    `global_params` defaults to the weights the model starts from.
+    `global_params` defaults to the weights the model starts from. A non-finite loss raises
+    FloatingPointError, leaving the model's weights unusable.
     """
     return _train(model, x, y, cfg, cfg.local_epochs, seed, global_params)
 
@@ -124,8 +126,16 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(objective)
         optimizer.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            # Fail here rather than publish NaN weights; with SGD a proximal term diverges
+            # once lr * mu exceeds about 2 * (1 + momentum).
+            raise FloatingPointError(
+                f"local training diverged (loss {value}); lower lr, or prox_mu "
+                f"(lr * prox_mu = {cfg.lr * cfg.prox_mu:g})"
+            )
         # Report the task loss, not the proximal term, so runs with any mu compare.
-        loss_sum += loss.item() * len(batch)
+        loss_sum += value * len(batch)
         correct += int((logits.argmax(dim=1) == y[batch]).sum().item())
     return loss_sum, correct
 

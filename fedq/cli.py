@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import torch
@@ -19,7 +21,10 @@ from aggregator.runner import serve as serve_aggregator
 from aggregator.service import Fenced
 from device_agent.runner import serve_agent, serve_evaluator
 from fedq import options as opt
+from fedq.compare import run_simulation
 from fedq.jobs import create_job, initial_job, job_status
+from fedq.simulate import SimulationSpec
+from fedq.speeds import parse_speed_profile
 from infra.connect import open_broker, open_store
 from infra.errors import BackendUnavailable, JobExists, JobNotFound
 from infra.settings import (
@@ -43,9 +48,13 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     add_completion=False,
+    # Plain click errors: one line naming the bad option, easy to read in logs.
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-job_app = typer.Typer(help="Create or delete federated jobs.", no_args_is_help=True)
+job_app = typer.Typer(
+    help="Create or delete federated jobs.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(job_app, name="job")
 
 
@@ -319,3 +328,138 @@ async def _watch(
             await asyncio.sleep(interval)
     finally:
         await store.close()
+
+
+def _strategy_list(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in opt.STRATEGY_NAMES]
+    if not names or unknown:
+        raise typer.BadParameter(
+            f"unknown strategy {', '.join(unknown) or value!r}; "
+            f"choose from {', '.join(opt.STRATEGY_NAMES)}"
+        )
+    return names
+
+
+def _compare_option(value: str | None) -> str | None:
+    if value is not None:
+        _strategy_list(value)
+    return value
+
+
+def _speed_profile(value: str) -> str:
+    try:
+        parse_speed_profile(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+@app.command()
+def simulate(
+    task: opt.Task = "mnist1d-cnn",
+    devices: Annotated[int, typer.Option(min=1, help="Number of simulated devices.")] = 8,
+    dirichlet: opt.Dirichlet = opt.TRAINING.dirichlet_alpha,
+    strategy: opt.Strategy = "fedbuff",
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            callback=_compare_option,
+            help="Run several strategies one after the other on the same devices and speeds, "
+            "e.g. fedavg,fedasync,fedbuff (overrides --strategy).",
+        ),
+    ] = None,
+    device_speeds: Annotated[
+        str,
+        typer.Option(
+            callback=_speed_profile,
+            help="Heterogeneity: uniform, lognormal:SIGMA, or stragglers:FRACTION:SLOWDOWN "
+            "(e.g. stragglers:0.25:10: a quarter of the devices 10x slower).",
+        ),
+    ] = "stragglers:0.25:10",
+    target_accuracy: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Accuracy whose time and trips are reported.")
+    ] = 0.8,
+    max_seconds: Annotated[
+        float, typer.Option(min=1.0, help="Wall-time budget of each strategy's run.")
+    ] = 30.0,
+    max_versions: Annotated[
+        int | None, typer.Option(min=1, help="Also stop a run after this many versions.")
+    ] = None,
+    stop_at_target: Annotated[
+        bool, typer.Option(help="End a run as soon as the target accuracy is reached.")
+    ] = False,
+    seed: opt.Seed = opt.TRAINING.seed,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Write results.json, metrics-<strategy>.csv and PNG plots here."),
+    ] = None,
+    buffer_size: opt.BufferSize = opt.STRATEGY.buffer_size,
+    alpha: opt.Alpha = opt.STRATEGY.alpha,
+    staleness: opt.Staleness = opt.STRATEGY.staleness.name,
+    staleness_a: opt.StalenessA = opt.STRATEGY.staleness.a,
+    staleness_b: opt.StalenessB = opt.STRATEGY.staleness.b,
+    max_staleness: opt.MaxStaleness = opt.STRATEGY.max_staleness,
+    server_lr: opt.ServerLr = opt.STRATEGY.server_lr,
+    server_optimizer: opt.ServerOptimizer = opt.STRATEGY.server_optimizer,
+    weighting: opt.Weighting = opt.STRATEGY.weighting,
+    local_epochs: opt.LocalEpochs = opt.TRAINING.local_epochs,
+    batch_size: opt.BatchSize = opt.TRAINING.batch_size,
+    lr: opt.Lr = opt.TRAINING.lr,
+    optimizer: opt.Optimizer = opt.TRAINING.optimizer,
+    prox_mu: opt.ProxMu = opt.TRAINING.prox_mu,
+    amqp_url: opt.AmqpUrl = "memory://",
+    redis_url: opt.RedisUrl = "memory://",
+    log_level: opt.LogLevel = "WARNING",
+) -> None:
+    """Run a whole federation in this process and measure it (memory:// unless URLs are given).
+
+    Every device really trains on its Dirichlet shard; a slow device also waits its extra
+    time. FedAvg rounds wait for all devices (the synchronous baseline); `--compare` runs each
+    strategy on identical devices, data and speeds and prints time and client trips to the
+    target accuracy side by side.
+    """
+    _logging(log_level)
+    if amqp_url.startswith("memory://") != redis_url.startswith("memory://"):
+        raise _fail("--amqp-url and --redis-url must both be memory:// or both be real services")
+    torch.set_num_threads(1)
+    names = _strategy_list(compare) if compare else [strategy]
+    spec = SimulationSpec(
+        task=task,
+        devices=devices,
+        training=TrainingConfig(
+            local_epochs=local_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            prox_mu=prox_mu,
+            num_devices=devices,
+            dirichlet_alpha=dirichlet,
+            seed=seed,
+        ),
+        speeds=parse_speed_profile(device_speeds),
+        target_accuracy=target_accuracy,
+        max_seconds=max_seconds,
+        max_versions=max_versions,
+        stop_at_target=stop_at_target,
+    )
+    strategies = [
+        opt.strategy_config(
+            name,  # type: ignore[arg-type]  # checked by _strategy_list
+            # A synchronous round waits for every device: that is the baseline being measured.
+            buffer_size=devices if name == "fedavg" else buffer_size,
+            alpha=alpha,
+            staleness=staleness,
+            staleness_a=staleness_a,
+            staleness_b=staleness_b,
+            max_staleness=max_staleness,
+            server_lr=server_lr,
+            server_optimizer=server_optimizer,
+            weighting=weighting,
+        )
+        for name in names
+    ]
+    settings = ConnectionSettings(amqp_url=amqp_url, redis_url=redis_url)
+    # Off a terminal (CI, logs) rich would wrap the summary table at 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=140)
+    _run(run_simulation(spec, strategies, settings, out, console))

@@ -105,6 +105,3 @@ def strategy_config(
             "weighting": weighting,
         }
     )
-
-
-

@@ -38,7 +38,7 @@ def test_profiles_parse_and_print_back(text: str, expected: SpeedProfile) -> Non
     ],
 )
 def test_malformed_profiles_are_refused(text: str) -> None:
-    with pytest.raises(ValueError, match="speed profile|must be numbers"):
+    with pytest.raises(ValueError, match=r"speed profile|must be numbers"):
         parse_speed_profile(text)
 
 
