@@ -39,9 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
     parser.add_argument("--devices", type=int, default=defaults.num_devices)
     parser.add_argument("--alpha", type=float, default=defaults.dirichlet_alpha)
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's)"
-    )
+    # One thread: these models gain nothing from more, and spinning OpenMP workers make
+    # timings erratic whenever anything else shares the cores.
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--skip-shards", action="store_true", help="skip the shard measurements")
     return parser.parse_args(argv)
 
@@ -70,8 +70,6 @@ def shard_costs(task: Task, cfg: TrainingConfig) -> None:
     print(f"{cfg.num_devices} devices, alpha={cfg.dirichlet_alpha}: shard sizes {sizes}")
     print(f"  min {min(sizes)}  max {max(sizes)}  classes per shard {classes}")
     one_epoch = cfg.model_copy(update={"local_epochs": 1})
-    # Warm up once: the first forward/backward pays one-off allocation and dispatch costs.
-    train_local(task.build_model(0), data.x_train[:64], data.y_train[:64], one_epoch, seed=0)
     times = []
     for index, shard in enumerate(shards):
         rows = torch.from_numpy(shard)
@@ -88,8 +86,7 @@ def shard_costs(task: Task, cfg: TrainingConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the centralized curve and the shard measurements."""
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     cfg = TrainingConfig(
         optimizer=args.optimizer,
         lr=args.lr,
@@ -100,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         dirichlet_alpha=args.alpha,
     )
     task = get_task(args.task)
+    data = task.load_data(cfg.seed)
+    # Warm up: a process's first optimizer step imports torch._dynamo (about a second), a
+    # one-off cost that would otherwise land in the first measurement.
+    train_local(task.build_model(0), data.x_train[:64], data.y_train[:64], cfg, seed=0)
     started = time.perf_counter()
     accuracy_curve(task, cfg, args.epochs, args.seeds)
     if not args.skip_shards:

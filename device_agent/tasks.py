@@ -65,7 +65,7 @@ class Mnist1dCnn(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Map (batch, 40) signals to (batch, 10) logits."""
-        h = x.view(-1, 1, MNIST1D_LENGTH)
+        h = x.reshape(-1, 1, MNIST1D_LENGTH)
         h = torch.relu(self.conv1(h))
         h = torch.relu(self.conv2(h))
         h = torch.relu(self.conv3(h))

@@ -24,11 +24,11 @@ from tests.conftest import AMQP_URL, REDIS_URL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-UPDATES_PER_AGENT = 12
+UPDATES_PER_AGENT = 25
 SLOW_AGENT = "dev-3"
-# Measured: this setup reaches ~0.75-0.85 within its 48 updates; 0.6 leaves room for noise
+# Measured: this setup reached 0.77 after its 100 updates (33 versions); 0.65 leaves room
 # while still far above the 0.1 of chance and the ~0.15 of the initial model.
-ACCURACY_THRESHOLD = 0.6
+ACCURACY_THRESHOLD = 0.65
 
 
 def _env(job: str, **extra: str) -> dict[str, str]:
@@ -43,12 +43,14 @@ def _env(job: str, **extra: str) -> dict[str, str]:
 
 
 def _start(module: str, job: str, log: Path, **extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", module],
-        env=_env(job, **extra),
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    # The child keeps its own descriptor of the log; the parent's copy closes at once.
+    with log.open("wb") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", module],
+            env=_env(job, **extra),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _stop(process: subprocess.Popen[bytes], timeout: float = 20) -> int:
@@ -79,6 +81,10 @@ async def test_processes_learn_with_a_slow_device(job_id: str, tmp_path: Path) -
             "4",
             "--staleness",
             "polynomial",
+            # The slow device's updates must all count: fast devices move the version on
+            # by ~25 while it trains once.
+            "--max-staleness",
+            "100",
             "--staleness-a",
             "0.5",
         ],
@@ -123,7 +129,9 @@ async def test_processes_learn_with_a_slow_device(job_id: str, tmp_path: Path) -
         assert all(m is not None for m in metas)
         contributors = [u for m in metas if m for u in m.contributors]
         assert len(contributors) == len(set(contributors)) == await store.applied_count()
-        ready, _ = await broker.queue_depth(job_id)
+        ready = await _ready_after_requeue(
+            broker, job_id, 4 * UPDATES_PER_AGENT - len(contributors)
+        )
         assert len(contributors) + ready == 4 * UPDATES_PER_AGENT
         assert ready < 3  # only a partial FedBuff buffer may wait for more updates
         assert await broker.drain_dead_letters(job_id) == []
@@ -156,6 +164,17 @@ async def test_processes_learn_with_a_slow_device(job_id: str, tmp_path: Path) -
         await broker.delete_job(job_id)
         await store.close()
         await broker.close()
+
+
+async def _ready_after_requeue(broker: AmqpBroker, job: str, expected: int) -> int:
+    """Read the ready count once the stopped aggregator's unacked buffer is back in the queue."""
+    ready = 0
+    for _ in range(20):
+        ready, _ = await broker.queue_depth(job)
+        if ready >= expected:
+            break
+        await asyncio.sleep(0.25)
+    return ready
 
 
 async def _until_quiet(store: RedisModelStore, broker: AmqpBroker, job: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Literal
 
 import pytest
@@ -15,6 +16,16 @@ from device_agent.training import evaluate, train_centralized, train_local
 from schemas.messages import TrainingConfig
 
 pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Train on one thread: these models are too small to gain from two, and spinning
+    OpenMP workers make timings erratic on a loaded two-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
