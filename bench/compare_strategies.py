@@ -67,9 +67,8 @@ def report(document: dict[str, Any]) -> None:
     for name in ("fedasync", "fedbuff"):
         run = runs[name]
         if run["time_to_target_s"] is None or sync["time_to_target_s"] is None:
-            print(
-                f"{name}: target not reached by {name if run['time_to_target_s'] is None else 'fedavg'}"
-            )
+            missed = name if run["time_to_target_s"] is None else "fedavg"
+            print(f"{name}: no ratio, {missed} never reached the target")
             continue
         print(
             f"{name} vs fedavg to {document['target_accuracy']:.2f}: "
