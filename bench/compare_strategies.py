@@ -2,10 +2,11 @@
 
 Run: `python bench/compare_strategies.py [--max-seconds 120] [--out runs/bench-compare]`.
 Every strategy runs on the same 8 non-IID MNIST-1D devices (Dirichlet 0.5) of which a
-quarter are 10x slower, with the same seeds, one after the other in this process (FedAvg until it reaches the
-target, the async strategies for the whole budget, for their final accuracy). The
-baseline (synchronous FedAvg) is measured in the same run; the last lines print the speedup
-of each async strategy over it and the gap of the best one to centralized training.
+quarter are 10x slower, with the same seeds, one after the other in this process: FedAvg
+until it reaches the target, the async strategies for the whole budget (their final
+accuracy is compared with centralized training). The baseline (synchronous FedAvg) is
+measured in the same run; the last lines print each async strategy's speedup over it and
+the gap of the best one to centralized training.
 """
 
 from __future__ import annotations
