@@ -99,6 +99,9 @@ def job_create(
     server_lr: opt.ServerLr = opt.STRATEGY.server_lr,
     server_optimizer: opt.ServerOptimizer = opt.STRATEGY.server_optimizer,
     weighting: opt.Weighting = opt.STRATEGY.weighting,
+    clip_norm: opt.ClipNorm = opt.STRATEGY.clip_norm,
+    aggregation: opt.Aggregation = opt.STRATEGY.aggregation,
+    trim_fraction: opt.TrimFraction = opt.STRATEGY.trim_fraction,
     local_epochs: opt.LocalEpochs = opt.TRAINING.local_epochs,
     batch_size: opt.BatchSize = opt.TRAINING.batch_size,
     lr: opt.Lr = opt.TRAINING.lr,
@@ -127,6 +130,9 @@ def job_create(
         server_lr=server_lr,
         server_optimizer=server_optimizer,
         weighting=weighting,
+        clip_norm=clip_norm,
+        aggregation=aggregation,
+        trim_fraction=trim_fraction,
     )
     training = TrainingConfig(
         local_epochs=local_epochs,
@@ -403,6 +409,9 @@ def simulate(
     server_lr: opt.ServerLr = opt.STRATEGY.server_lr,
     server_optimizer: opt.ServerOptimizer = opt.STRATEGY.server_optimizer,
     weighting: opt.Weighting = opt.STRATEGY.weighting,
+    clip_norm: opt.ClipNorm = opt.STRATEGY.clip_norm,
+    aggregation: opt.Aggregation = opt.STRATEGY.aggregation,
+    trim_fraction: opt.TrimFraction = opt.STRATEGY.trim_fraction,
     local_epochs: opt.LocalEpochs = opt.TRAINING.local_epochs,
     batch_size: opt.BatchSize = opt.TRAINING.batch_size,
     lr: opt.Lr = opt.TRAINING.lr,
@@ -456,6 +465,9 @@ def simulate(
             server_lr=server_lr,
             server_optimizer=server_optimizer,
             weighting=weighting,
+            clip_norm=clip_norm,
+            aggregation=aggregation,
+            trim_fraction=trim_fraction,
         )
         for name in names
     ]

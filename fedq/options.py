@@ -66,6 +66,27 @@ ServerOptimizer = Annotated[
 Weighting = Annotated[
     Literal["samples", "uniform"], typer.Option(help="Weight updates by sample count or 1.")
 ]
+ClipNorm = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        help="Scale each update's delta down to this global L2 norm before folding it "
+        "(all strategies; default: no clipping).",
+    ),
+]
+Aggregation = Annotated[
+    Literal["mean", "median", "trimmed_mean"],
+    typer.Option(
+        help="FedBuff/FedAvg buffer reduction: mean, or coordinate-wise median / trimmed_mean "
+        "(robust to a minority of bad devices; keeps all K deltas in memory, ignores weights).",
+    ),
+]
+TrimFraction = Annotated[
+    float,
+    typer.Option(
+        min=0.0, max=0.49, help="trimmed_mean: fraction cut from each end of every coordinate."
+    ),
+]
 LocalEpochs = Annotated[int, typer.Option(min=1, help="Local epochs per round.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Local minibatch size.")]
 Lr = Annotated[float, typer.Option(min=0.0, help="Local learning rate.")]
@@ -89,6 +110,9 @@ def strategy_config(
     server_lr: float,
     server_optimizer: str,
     weighting: str,
+    clip_norm: float | None = STRATEGY.clip_norm,
+    aggregation: str = STRATEGY.aggregation,
+    trim_fraction: float = STRATEGY.trim_fraction,
 ) -> StrategyConfig:
     """Build a validated StrategyConfig from command-line values."""
     return StrategyConfig.model_validate(
@@ -103,5 +127,8 @@ def strategy_config(
             "server_lr": server_lr,
             "server_optimizer": server_optimizer,
             "weighting": weighting,
+            "clip_norm": clip_norm,
+            "aggregation": aggregation,
+            "trim_fraction": trim_fraction,
         }
     )

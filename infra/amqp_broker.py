@@ -9,7 +9,7 @@ import struct
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -114,6 +114,24 @@ def _text(value: Any) -> str | None:
     if isinstance(value, bytes | bytearray):
         return bytes(value).decode("utf-8", "replace")
     return value if isinstance(value, str) else None
+
+
+# Where reading a job's log stream starts: "first", "last", "next", an offset, or a time.
+StreamStart = str | int | datetime
+# The header RabbitMQ adds to every message it delivers from a stream.
+STREAM_OFFSET_HEADER = "x-stream-offset"
+
+
+@dataclass(frozen=True)
+class LoggedMessage:
+    """One message read back from a job's log stream, as it was published."""
+
+    offset: int
+    message_id: str | None
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    body: bytes = b""
+    # The AMQP timestamp property in seconds since the epoch, if the publisher set one.
+    timestamp: float | None = None
 
 
 def header_dict(header: UpdateHeader) -> dict[str, Any]:
@@ -362,6 +380,41 @@ class AmqpBroker:
                 await last.ack(multiple=True)
         return letters
 
+    async def read_log(
+        self,
+        job: str,
+        *,
+        start: StreamStart = "first",
+        idle_timeout: float = 2.0,
+        prefetch: int = 256,
+    ) -> AsyncIterator[LoggedMessage]:
+        """Yield the job's log stream from `start` until no message comes for `idle_timeout`."""
+        received: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        with _backend_errors(f"read the log of job {job!r}"):
+            async with self._temporary_channel() as channel:
+                # A stream refuses consumers without a prefetch limit and without manual acks.
+                await channel.set_qos(prefetch_count=prefetch)
+                try:
+                    queue = await channel.declare_queue(
+                        keys.log_stream(job), passive=True, robust=False
+                    )
+                except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                    raise JobNotFound(
+                        f"job {job!r} has no log stream {keys.log_stream(job)}"
+                    ) from exc
+                await queue.consume(
+                    received.put, no_ack=False, arguments={"x-stream-offset": start}
+                )
+                while True:
+                    try:
+                        async with asyncio.timeout(idle_timeout):
+                            message = await received.get()
+                    except TimeoutError:
+                        return  # caught up: a stream never ends by itself
+                    yield _logged_of(message)
+                    # On a stream an ack only grants credit for the next deliveries.
+                    await message.ack()
+
     async def queue_depth(self, job: str) -> tuple[int, int]:
         """Return (ready messages, consumers) of the job's update queue."""
         async with (
@@ -415,6 +468,19 @@ def _dead_letter_of(message: AbstractIncomingMessage, queue: str) -> DeadLetter:
         origin = _text(headers.get("x-first-death-queue")) or queue
         detail = f"dead-lettered by the broker from {origin}"
     return DeadLetter(reason, detail, message.message_id, headers, message.body)
+
+
+def _logged_of(message: AbstractIncomingMessage) -> LoggedMessage:
+    headers = dict(message.headers)
+    offset = headers.pop(STREAM_OFFSET_HEADER, -1)
+    stamp = message.timestamp
+    return LoggedMessage(
+        offset=offset if isinstance(offset, int) else -1,
+        message_id=message.message_id,
+        headers=headers,
+        body=message.body,
+        timestamp=stamp.timestamp() if isinstance(stamp, datetime) else None,
+    )
 
 
 def dead_letter_headers(

@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from infra import keys
-from infra.amqp_broker import DELIVERY_LIMIT, DETAIL_LIMIT, header_dict, roundtrip_headers
+from infra.amqp_broker import (
+    DELIVERY_LIMIT,
+    DETAIL_LIMIT,
+    LoggedMessage,
+    StreamStart,
+    header_dict,
+    roundtrip_headers,
+)
 from infra.errors import BackendUnavailable, JobNotFound, PublishError
 from infra.protocols import DeadLetter, Delivery
 from schemas import UpdateHeader
@@ -145,6 +152,24 @@ class MemoryBroker:
         """Return (message id, headers, body) of every update the job's log stream recorded."""
         recorded = self._job(job).stream or []
         return [(m.message_id, dict(m.headers), m.body) for m in recorded]
+
+    async def read_log(
+        self,
+        job: str,
+        *,
+        start: StreamStart = "first",
+        idle_timeout: float = 2.0,
+        prefetch: int = 256,
+    ) -> AsyncIterator[LoggedMessage]:
+        """Yield the job's log stream from `start` (only "first" or an offset) to its end."""
+        if not isinstance(start, int) and start != "first":
+            raise ValueError(f"the in-process log stream starts only at first or an offset: {start}")
+        recorded = self._job(job).stream
+        if recorded is None:
+            raise JobNotFound(f"job {job!r} has no log stream {keys.log_stream(job)}")
+        for offset in range(0 if start == "first" else int(start), len(recorded)):
+            message = recorded[offset]
+            yield LoggedMessage(offset, message.message_id, dict(message.headers), message.body)
 
     async def close(self) -> None:
         """Do nothing: other components of the process may still use the same queues."""

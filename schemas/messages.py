@@ -93,6 +93,12 @@ class StrategyConfig(_Frozen):
     beta2: float = Field(default=0.99, ge=0, lt=1)
     tau: float = Field(default=1e-3, gt=0, le=1)
     weighting: Literal["samples", "uniform"] = "samples"
+    # Robustness against untrusted devices (docs/robust.md). None: no clipping.
+    clip_norm: float | None = Field(default=None, gt=0, le=1e30)
+    # FedBuff and FedAvg: how the buffer is reduced; median and trimmed_mean keep all K deltas.
+    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
+    # trimmed_mean drops floor(trim_fraction * K) values from each end of every coordinate.
+    trim_fraction: float = Field(default=0.2, ge=0, lt=0.5)
 
 
 class TrainingConfig(_Frozen):

@@ -135,6 +135,10 @@ class WeightedBuffer:
         self.clear()
         return mean, receipts
 
+    def take(self) -> tuple[dict[str, Tensor], list[Receipt]]:
+        """Return the buffer's reduction (its weighted mean) and receipts, and empty it."""
+        return self.take_mean()
+
     def pending(self) -> list[str]:
         """List the update ids in the buffer, oldest first."""
         return [r.update_id for r in self._receipts]

@@ -3,6 +3,8 @@
 A round collects `buffer_size` (M) updates trained from the current version, at most one per
 device, and steps the model by their weighted mean delta. Anything trained from an older
 version is refused as STALE_ROUND: in synchronous FL it missed its round.
+
+`clip_norm`, `aggregation` and `trim_fraction` work as in FedBuff (docs/robust.md).
 """
 
 from __future__ import annotations
@@ -11,14 +13,9 @@ from collections.abc import MutableMapping
 
 from torch import Tensor
 
-from aggregator.strategies.base import (
-    Admission,
-    Contribution,
-    Receipt,
-    WeightedBuffer,
-    admit_future,
-)
+from aggregator.strategies.base import Admission, Contribution, Receipt, admit_future
 from aggregator.strategies.fedbuff import Weighting, update_weight
+from aggregator.strategies.robust import Aggregation, clip_factor, make_buffer
 from aggregator.strategies.server_optimizers import ServerOptimizer, server_optimizer
 from schemas.errors import RejectReason
 from schemas.messages import StrategyConfig
@@ -31,21 +28,38 @@ class FedAvg:
     needs_base_model: bool = False
 
     def __init__(
-        self, round_size: int, optimizer: ServerOptimizer, weighting: Weighting = "samples"
+        self,
+        round_size: int,
+        optimizer: ServerOptimizer,
+        weighting: Weighting = "samples",
+        *,
+        clip_norm: float | None = None,
+        aggregation: Aggregation = "mean",
+        trim_fraction: float = 0.2,
     ) -> None:
         if round_size < 1:
             raise ValueError(f"round_size must be >= 1, got {round_size}")
         self.round_size = round_size
         self.optimizer = optimizer
         self.weighting: Weighting = weighting
-        self._buffer = WeightedBuffer()
+        self.clip_norm = clip_norm
+        self.aggregation: Aggregation = aggregation
+        # "mean" keeps a running sum (O(model)); a robust reducer keeps all M deltas.
+        self._buffer = make_buffer(aggregation, trim_fraction)
         self._devices: set[str] = set()
         self._round_version: int | None = None
 
     @classmethod
     def from_config(cls, cfg: StrategyConfig) -> FedAvg:
         """Build FedAvg from the job's strategy config (M = cfg.buffer_size)."""
-        return cls(cfg.buffer_size, server_optimizer(cfg), cfg.weighting)
+        return cls(
+            cfg.buffer_size,
+            server_optimizer(cfg),
+            cfg.weighting,
+            clip_norm=cfg.clip_norm,
+            aggregation=cfg.aggregation,
+            trim_fraction=cfg.trim_fraction,
+        )
 
     def admit(self, *, base_version: int, version: int, device_id: str) -> Admission:
         """Refuse a future or older base, and a second update from a device in this round."""
@@ -76,13 +90,18 @@ class FedAvg:
             )
         if receipt.device_id in self._devices:
             raise ValueError(f"device {receipt.device_id!r} is already in this round")
-        self._buffer.add(model, contribution, update_weight(receipt, self.weighting))
+        self._buffer.add(
+            model,
+            contribution,
+            update_weight(receipt, self.weighting),
+            clip_factor(contribution.delta, self.clip_norm),
+        )
         self._round_version = contribution.base_version
         self._devices.add(receipt.device_id)
         if len(self._buffer) < self.round_size:
             return None
-        mean_delta, receipts = self._buffer.take_mean()
-        self.optimizer.step_(model, mean_delta)
+        round_delta, receipts = self._buffer.take()
+        self.optimizer.step_(model, round_delta)
         self.reset()
         return receipts
 

@@ -3,6 +3,11 @@
 acc += w_i s(tau_i) delta_i and W += w_i for each update; after K of them the pseudo-gradient
 g = acc / W goes through the server optimizer (x += server_lr * g without one). Only the running
 sum is kept, never the list of deltas, so memory stays O(model) whatever K is.
+
+Against untrusted devices (docs/robust.md): with `clip_norm` each delta is scaled down to that
+global L2 norm before it is folded; with aggregation "median" or "trimmed_mean" the buffer
+keeps the K scaled deltas instead of the sum (memory K x model) and g is their coordinate-wise
+robust reduction, which ignores the weights w_i.
 """
 
 from __future__ import annotations
@@ -12,13 +17,8 @@ from typing import Literal
 
 from torch import Tensor
 
-from aggregator.strategies.base import (
-    Admission,
-    Contribution,
-    Receipt,
-    WeightedBuffer,
-    admit_async,
-)
+from aggregator.strategies.base import Admission, Contribution, Receipt, admit_async
+from aggregator.strategies.robust import Aggregation, clip_factor, make_buffer
 from aggregator.strategies.server_optimizers import ServerOptimizer, server_optimizer
 from aggregator.strategies.staleness import StalenessFn, staleness_function
 from schemas.messages import StrategyConfig
@@ -44,6 +44,10 @@ class FedBuff:
         max_staleness: int,
         optimizer: ServerOptimizer,
         weighting: Weighting = "samples",
+        *,
+        clip_norm: float | None = None,
+        aggregation: Aggregation = "mean",
+        trim_fraction: float = 0.2,
     ) -> None:
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
@@ -52,7 +56,10 @@ class FedBuff:
         self.max_staleness = max_staleness
         self.optimizer = optimizer
         self.weighting: Weighting = weighting
-        self._buffer = WeightedBuffer()
+        self.clip_norm = clip_norm
+        self.aggregation: Aggregation = aggregation
+        # "mean" keeps a running sum (O(model)); a robust reducer keeps all K deltas.
+        self._buffer = make_buffer(aggregation, trim_fraction)
 
     @classmethod
     def from_config(cls, cfg: StrategyConfig) -> FedBuff:
@@ -63,6 +70,9 @@ class FedBuff:
             cfg.max_staleness,
             server_optimizer(cfg),
             cfg.weighting,
+            clip_norm=cfg.clip_norm,
+            aggregation=cfg.aggregation,
+            trim_fraction=cfg.trim_fraction,
         )
 
     def admit(self, *, base_version: int, version: int, device_id: str) -> Admission:
@@ -80,11 +90,11 @@ class FedBuff:
             model,
             contribution,
             update_weight(receipt, self.weighting),
-            self.staleness(receipt.staleness),
+            self.staleness(receipt.staleness) * clip_factor(contribution.delta, self.clip_norm),
         )
         if len(self._buffer) < self.buffer_size:
             return None
-        pseudo_grad, receipts = self._buffer.take_mean()
+        pseudo_grad, receipts = self._buffer.take()
         self.optimizer.step_(model, pseudo_grad)
         return receipts
 
