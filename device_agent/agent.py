@@ -125,15 +125,23 @@ class DeviceAgent:
         start = await asyncio.to_thread(decode, model_bytes)
         self.model.load_state_dict(start)
         seed = random.Random(f"{self.config.training.seed}:{self.device_id}:{self.sent}")
-        result = await asyncio.to_thread(
-            train_local,
-            self.model,
-            self.x,
-            self.y,
-            self.config.training,
-            seed=seed.randrange(2**31),
-            global_params=start,
-        )
+        try:
+            result = await asyncio.to_thread(
+                train_local,
+                self.model,
+                self.x,
+                self.y,
+                self.config.training,
+                seed=seed.randrange(2**31),
+                global_params=start,
+            )
+        except FloatingPointError as exc:
+            # A diverged round publishes nothing; the next round starts again from the global
+            # model. The job's hyper-parameters (lr, prox_mu) are the thing to fix.
+            log.error(
+                "device %s: local training diverged (%s); skipping the round", self.device_id, exc
+            )
+            return
         if self.slowdown > 1.0:
             await asyncio.sleep((self.slowdown - 1.0) * result.seconds)
         trained = self.model.state_dict()

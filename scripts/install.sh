@@ -6,7 +6,8 @@
 # resolves with no torch installed pulls a multi-GB CUDA build. torch==2.13.0 is the CPU build
 # (on the project's machines pip finds its wheel on local disk).
 #
-# Environment: PYTHON (python3.11), FEDQ_VENV (.venv), FEDQ_TORCH_VERSION (2.13.0).
+# Environment: PYTHON (python3.11), FEDQ_VENV (.venv), FEDQ_TORCH_VERSION (2.13.0),
+# FEDQ_CHECK_TOOLS (1: also the lint tools scripts/test.sh runs).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -44,8 +45,11 @@ echo "install: torch==$TORCH_VERSION"
 pip_install "torch==$TORCH_VERSION"
 echo "install: fedq (editable) with the dev extras"
 pip_install -e '.[dev]'
-echo "install: deployment checks (${DEPLOY_TOOLS[*]})"
-pip_install "${DEPLOY_TOOLS[@]}"
+# Only the test command needs them (FEDQ_CHECK_TOOLS=1); the demo starts sooner without.
+if [[ "${FEDQ_CHECK_TOOLS:-0}" == 1 ]]; then
+    echo "install: deployment checks (${DEPLOY_TOOLS[*]})"
+    pip_install "${DEPLOY_TOOLS[@]}"
+fi
 
 # A range in a later dependency must not have swapped the CPU build for another torch.
 "$VENV/bin/python" - "$TORCH_VERSION" <<'PY'

@@ -12,7 +12,7 @@ step() {
 }
 
 step "install (scripts/install.sh)"
-bash scripts/install.sh
+FEDQ_CHECK_TOOLS=1 bash scripts/install.sh
 
 step "services (scripts/services.sh)"
 bash scripts/services.sh
