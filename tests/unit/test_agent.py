@@ -1,0 +1,65 @@
+"""The device agent over the in-process broker and store: what one round publishes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from device_agent.agent import DeviceAgent
+from fedq.jobs import create_job, initial_job
+from infra.memory_broker import MemoryBroker
+from infra.memory_store import MemoryModelStore, MemoryStoreHub
+from schemas import StrategyConfig, TrainingConfig, UpdateHeader
+from schemas.codec import decode
+
+pytestmark = pytest.mark.unit
+JOB = "agent-test"
+
+
+async def _agent(training: TrainingConfig) -> DeviceAgent:
+    broker, store = MemoryBroker(), MemoryModelStore(MemoryStoreHub(), JOB)
+    config, model, meta = initial_job(JOB, "digits-mlp", StrategyConfig(), training)
+    await create_job(store, broker, config, model, meta)
+    return DeviceAgent(device_id="dev-a", broker=broker, store=store, device_index=1)
+
+
+async def _published(agent: DeviceAgent) -> list[tuple[UpdateHeader, bytes]]:
+    messages = []
+    deliveries = agent.broker.consume(JOB, prefetch=10, idle_timeout=0.2)
+    async for delivery in deliveries:
+        messages.append((UpdateHeader.model_validate(dict(delivery.headers)), delivery.body))
+        await delivery.ack()
+    await deliveries.aclose()
+    return messages
+
+
+async def test_one_round_publishes_the_delta_from_its_base_version() -> None:
+    # Arrange
+    agent = await _agent(TrainingConfig(num_devices=4, local_epochs=1))
+    async with agent:
+        version, start_bytes = await agent.store.latest()
+        # Act
+        await agent.train_and_publish(version, start_bytes)
+        trained = {k: v.clone() for k, v in agent.model.state_dict().items()}
+    [(header, body)] = await _published(agent)
+    # Assert: the delta is exactly trained - start, tagged with its base and sample count
+    start = decode(start_bytes)
+    delta = decode(body)
+    for name in start:
+        torch.testing.assert_close(delta[name], trained[name] - start[name])
+    assert header.base_version == 0
+    assert header.num_samples == len(agent.y)
+    assert header.device_id == "dev-a"
+    assert agent.sent == 1
+
+
+async def test_a_diverged_round_publishes_nothing() -> None:
+    # Arrange: a learning rate no network survives
+    agent = await _agent(TrainingConfig(num_devices=4, lr=100.0, momentum=0.0))
+    async with agent:
+        version, start_bytes = await agent.store.latest()
+        # Act
+        await agent.train_and_publish(version, start_bytes)
+    # Assert
+    assert await _published(agent) == []
+    assert agent.sent == 0
