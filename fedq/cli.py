@@ -21,6 +21,7 @@ from aggregator.runner import serve as serve_aggregator
 from aggregator.service import Fenced
 from device_agent.runner import serve_agent, serve_evaluator
 from fedq import options as opt
+from fedq import record_cli
 from fedq.compare import run_simulation
 from fedq.jobs import create_job, initial_job, job_status
 from fedq.simulate import SimulationSpec
@@ -56,6 +57,7 @@ job_app = typer.Typer(
     help="Create or delete federated jobs.", no_args_is_help=True, rich_markup_mode=None
 )
 app.add_typer(job_app, name="job")
+record_cli.register(app)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -115,6 +117,10 @@ def job_create(
     if_not_exists: Annotated[
         bool, typer.Option(help="Succeed without change if the job exists already.")
     ] = False,
+    record: Annotated[
+        bool,
+        typer.Option(help="Keep every update in the stream fedq.log.J for `fedq record`."),
+    ] = True,
     amqp_url: opt.AmqpUrl = DEFAULT_AMQP_URL,
     redis_url: opt.RedisUrl = DEFAULT_REDIS_URL,
 ) -> None:
@@ -151,7 +157,7 @@ def job_create(
         broker = await open_broker(settings)
         store = open_store(settings, job)
         try:
-            await create_job(store, broker, config, model, meta)
+            await create_job(store, broker, config, model, meta, log_stream=record)
             return True
         except JobExists:
             if not if_not_exists:

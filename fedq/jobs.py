@@ -35,10 +35,20 @@ def initial_job(
 
 
 async def create_job(
-    store: ModelStore, broker: Broker, config: JobConfig, model: bytes, meta: VersionMeta
+    store: ModelStore,
+    broker: Broker,
+    config: JobConfig,
+    model: bytes,
+    meta: VersionMeta,
+    *,
+    log_stream: bool = True,
 ) -> None:
-    """Declare the job's queues, then store its config and version 0 (JobExists if present)."""
-    await broker.declare_job(config.job)
+    """Declare the job's queues, then store its config and version 0 (JobExists if present).
+
+    With `log_stream` every update is also kept in the stream `fedq.log.{J}`, which
+    `fedq record` reads.
+    """
+    await broker.declare_job(config.job, log_stream=log_stream)
     await store.create_job(config, model, meta)
 
 

@@ -207,7 +207,9 @@ def _read_record(file: BinaryIO, index: int, offset: int) -> Record | None:
         body_size = header["body_bytes"]
         kind = header["kind"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise RecordingError(index, offset, f"corrupt: header is not a record header ({exc})")
+        raise RecordingError(
+            index, offset, f"corrupt: header is not a record header ({exc})"
+        ) from None
     if not isinstance(body_size, int) or body_size < 0 or kind not in KINDS:
         raise RecordingError(index, offset, f"corrupt: bad body length or kind {kind!r}")
     body = _read_exact(file, body_size, index, offset, "body")

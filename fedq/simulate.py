@@ -135,7 +135,8 @@ async def run_strategy(
     store = open_store(settings, job, memory)
     training = spec.training.model_copy(update={"num_devices": spec.devices})
     config, model, meta = initial_job(job, spec.task, strategy, training)
-    await create_job(store, broker, config, model, meta)
+    # A simulation is measured, not recorded: no log stream to hold every update.
+    await create_job(store, broker, config, model, meta, log_stream=False)
     progress = Progress(strategy=strategy.name)
     try:
         started = time.time()

@@ -163,11 +163,13 @@ class MemoryBroker:
     ) -> AsyncIterator[LoggedMessage]:
         """Yield the job's log stream from `start` (only "first" or an offset) to its end."""
         if not isinstance(start, int) and start != "first":
-            raise ValueError(f"the in-process log stream starts only at first or an offset: {start}")
+            raise ValueError(
+                f"the in-process log stream starts only at first or an offset: {start}"
+            )
         recorded = self._job(job).stream
         if recorded is None:
             raise JobNotFound(f"job {job!r} has no log stream {keys.log_stream(job)}")
-        for offset in range(0 if start == "first" else int(start), len(recorded)):
+        for offset in range(start if isinstance(start, int) else 0, len(recorded)):
             message = recorded[offset]
             yield LoggedMessage(offset, message.message_id, dict(message.headers), message.body)
 
