@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 
+from prometheus_client import CollectorRegistry
+
+from aggregator.metrics import AggregatorMetrics
 from aggregator.service import Aggregator, AggregatorStats
 from infra.connect import MemoryBackends, open_broker, open_store
+from infra.health import backend_problems, health_server
 from infra.lifecycle import stop_on_signals
 from infra.settings import AggregatorSettings
 
@@ -16,16 +20,26 @@ async def serve(
     settings: AggregatorSettings, memory: MemoryBackends | None = None
 ) -> AggregatorStats:
     """Run one aggregator for `settings.job` until SIGTERM/SIGINT, fencing, or idle drain."""
+    registry = CollectorRegistry()
     broker = await open_broker(settings, memory)
     store = open_store(settings, settings.job, memory)
     try:
-        async with Aggregator(
+        aggregator = Aggregator(
             job=settings.job,
             broker=broker,
             store=store,
             prefetch=settings.prefetch,
             idle_timeout=settings.idle_exit_seconds,
-        ) as aggregator:
+            metrics=AggregatorMetrics(registry, settings.job),
+        )
+
+        async def readiness() -> list[str]:
+            problems = await backend_problems(store=store, broker=broker)
+            if not aggregator.consuming:
+                problems.append("aggregator: not consuming")
+            return problems
+
+        async with health_server(settings, registry, readiness), aggregator:
             # In-process (memory://) components belong to `fedq simulate`, which owns signals.
             with stop_on_signals(aggregator.stop, enabled=memory is None):
                 stats = await aggregator.run()

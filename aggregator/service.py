@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
+from prometheus_client import CollectorRegistry
 
+from aggregator.metrics import AggregatorMetrics
 from aggregator.strategies import Contribution, Receipt, Strategy, build_strategy
 from aggregator.validation import check_payload, check_sizes, parse_header
 from infra.errors import BackendUnavailable, VersionConflict
@@ -63,11 +65,18 @@ class Aggregator:
         prefetch: int | None = None,
         idle_timeout: float | None = None,
         retry_seconds: float = 1.0,
+        metrics: AggregatorMetrics | None = None,
     ) -> None:
         self.job = job
         self.broker = broker
         self.store = store
         self.stats = AggregatorStats()
+        # Without a registry from the caller, count into a private one nobody scrapes.
+        self.metrics = (
+            metrics if metrics is not None else AggregatorMetrics(CollectorRegistry(), job)
+        )
+        # True while `run` consumes (actively, or as a single-active-consumer standby).
+        self.consuming = False
         self._prefetch = prefetch
         self._idle_timeout = idle_timeout
         self._retry_seconds = retry_seconds
@@ -75,6 +84,7 @@ class Aggregator:
         self._pending: dict[str, Delivery] = {}
         self._pending_bytes: dict[str, int] = {}
         self._base_cache: dict[int, Model] = {}
+        self.metrics.buffered.set_function(lambda: len(self._pending))
         self.config: JobConfig
         self.strategy: Strategy
         self.model: Model
@@ -83,9 +93,9 @@ class Aggregator:
     async def __aenter__(self) -> Aggregator:
         self.config = await self.store.get_config()
         self.strategy = build_strategy(self.config.strategy)
-        self.version, model_bytes = await self.store.latest()
-        self.model = await asyncio.to_thread(decode, model_bytes)
+        await self._load_latest()
         await self.broker.declare_job(self.job)
+        self.metrics.buffer_size.set(self.config.strategy.buffer_size)
         log.info(
             "aggregator for job %s starts at version %d with %s",
             self.job,
@@ -93,6 +103,33 @@ class Aggregator:
             self.config.strategy.name,
         )
         return self
+
+    async def _load_latest(self) -> None:
+        """Take the store's latest version as the global model, forgetting decoded bases."""
+        self.version, model_bytes = await self._retry(self.store.latest)
+        self.model = await asyncio.to_thread(decode, model_bytes)
+        self._base_cache.clear()
+        self.metrics.version.set(self.version)
+
+    async def _catch_up(self) -> None:
+        """Reload the model if another aggregator committed since this one last looked.
+
+        A standby loads the model when it starts and may only become the active consumer
+        much later. With nothing buffered, nothing depends on the old version, so moving to
+        the latest one is safe; with a buffer, a newer version is a conflict (fencing).
+        """
+        if self._pending:
+            return
+        if await self._retry(self.store.current_version) != self.version:
+            previous = self.version
+            await self._load_latest()
+            self.strategy.reset()
+            log.info(
+                "job %s moved on from version %d to %d elsewhere: reloaded",
+                self.job,
+                previous,
+                self.version,
+            )
 
     async def __aexit__(self, *exc_info: object) -> None:
         # Buffered deliveries are left unacked: closing the consumer returns them to the queue.
@@ -116,6 +153,7 @@ class Aggregator:
             self.job, prefetch=self.prefetch, idle_timeout=self._idle_timeout
         )
         stop_wait = asyncio.ensure_future(self._stopping.wait())
+        self.consuming = True
         try:
             while not self._stopping.is_set():
                 next_delivery = asyncio.ensure_future(anext(deliveries))
@@ -129,6 +167,7 @@ class Aggregator:
                     break
                 await self.handle(delivery)
         finally:
+            self.consuming = False
             stop_wait.cancel()
             await deliveries.aclose()
         return self.stats
@@ -136,7 +175,10 @@ class Aggregator:
     async def handle(self, delivery: Delivery) -> None:
         """Process one delivery to its end: applied, buffered, skipped or dead-lettered."""
         self.stats.received += 1
+        self.metrics.received.inc()
+        self.metrics.received_bytes.inc(len(delivery.body))
         try:
+            await self._catch_up()
             await self._fold(delivery)
         except Rejection as rejection:
             await self._dead_letter(delivery, rejection)
@@ -163,18 +205,21 @@ class Aggregator:
         self._pending[header.update_id] = delivery
         self._pending_bytes[header.update_id] = header.payload_bytes
         try:
-            receipts = await asyncio.to_thread(self.strategy.add, self.model, contribution)
+            with self.metrics.fold_seconds.time():
+                receipts = await asyncio.to_thread(self.strategy.add, self.model, contribution)
         except BaseException:
             del self._pending[header.update_id]
             del self._pending_bytes[header.update_id]
             raise
         if receipts is not None:
-            await self._commit(receipts)
+            with self.metrics.commit_seconds.time():
+                await self._commit(receipts)
 
     async def _is_duplicate(self, update_id: str, delivery: Delivery) -> bool:
         [already_applied] = await self._retry(lambda: self.store.applied([update_id]))
         if already_applied:
             self.stats.duplicates += 1
+            self.metrics.duplicates.inc()
             log.info("update %s already applied: acking the duplicate", update_id)
             await _settle(delivery.ack())
             return True
@@ -183,6 +228,7 @@ class Aggregator:
             # Same update delivered again while buffered (a republish, or a redelivery after
             # a reconnect made the old delivery tag stale): keep the newest, settle the old.
             self.stats.duplicates += 1
+            self.metrics.duplicates.inc()
             self._pending[update_id] = delivery
             await _settle(held.ack())
             return True
@@ -192,6 +238,7 @@ class Aggregator:
         blob = await self._retry(lambda: self.store.get_blob(header.update_id))
         if blob is None:
             raise Rejection(RejectReason.BLOB_MISSING, f"no claim-check blob {header.update_id}")
+        self.metrics.received_bytes.inc(len(blob))
         return blob
 
     async def _contribution(self, header: UpdateHeader, tensors: Model) -> Contribution:
@@ -256,6 +303,7 @@ class Aggregator:
         self.stats.versions += 1
         self.stats.applied += len(receipts)
         self.stats.staleness_total += sum(meta.staleness)
+        self._count_commit(meta)
         log.info(
             "committed version %d of job %s from %d updates (staleness %s)",
             new_version,
@@ -270,9 +318,17 @@ class Aggregator:
         await self._retry(lambda: self.store.delete_blobs(meta.contributors))
         await self.broker.announce_version(self.job, new_version)
 
+    def _count_commit(self, meta: VersionMeta) -> None:
+        self.metrics.version.set(meta.version)
+        self.metrics.versions.inc()
+        self.metrics.applied.inc(len(meta.staleness))
+        for staleness in meta.staleness:
+            self.metrics.staleness.observe(staleness)
+
     async def _dead_letter(self, delivery: Delivery, rejection: Rejection) -> None:
         reason = rejection.reason.value
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+        self.metrics.dead_lettered(reason)
         log.warning(
             "dead-lettering message %s of job %s: %s", delivery.message_id, self.job, rejection
         )

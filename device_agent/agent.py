@@ -9,7 +9,9 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import torch
+from prometheus_client import CollectorRegistry
 
+from device_agent.metrics import AgentMetrics
 from device_agent.partition import device_shard
 from device_agent.sender import build_update, send_update
 from device_agent.tasks import get_task
@@ -18,6 +20,7 @@ from infra.protocols import Broker, ModelStore
 from infra.retry import retry_unavailable
 from schemas import JobConfig
 from schemas.codec import decode
+from schemas.compression import error_feedback, topk_fraction
 from schemas.messages import Codec
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class DeviceAgent:
         device_index: int | None = None,
         codec: Codec = "none",
         retry_seconds: float = 1.0,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.device_id = device_id
         self.broker = broker
@@ -51,12 +55,16 @@ class DeviceAgent:
         self.updates = updates
         self.slowdown = slowdown
         self.codec: Codec = codec
+        # Top-k error feedback: the part of past deltas that was not sent yet.
+        self._residual: dict[str, torch.Tensor] = {}
         self.sent = 0
         self._num_devices = num_devices
         self._device_index = device_index
         self._dirichlet = dirichlet
         self._retry_seconds = retry_seconds
         self._stopping = asyncio.Event()
+        # Without a registry from the caller, count into a private one nobody scrapes.
+        self.metrics = metrics or AgentMetrics(CollectorRegistry(), store.job, device_id)
         self.config: JobConfig
         self.device_index: int
 
@@ -122,6 +130,7 @@ class DeviceAgent:
 
     async def train_and_publish(self, version: int, model_bytes: bytes) -> None:
         """Run one local round from `version` and publish its delta."""
+        self.metrics.last_version.set(version)
         start = await asyncio.to_thread(decode, model_bytes)
         self.model.load_state_dict(start)
         seed = random.Random(f"{self.config.training.seed}:{self.device_id}:{self.sent}")
@@ -142,10 +151,15 @@ class DeviceAgent:
                 "device %s: local training diverged (%s); skipping the round", self.device_id, exc
             )
             return
+        self.metrics.training_seconds.observe(result.seconds)
         if self.slowdown > 1.0:
             await asyncio.sleep((self.slowdown - 1.0) * result.seconds)
         trained = self.model.state_dict()
         delta = {name: trained[name].detach() - start[name] for name in start}
+        if topk_fraction(self.codec) is not None:
+            delta, self._residual = await asyncio.to_thread(
+                error_feedback, delta, self._residual, self.codec
+            )
         header, payload = build_update(
             self.config,
             device_id=self.device_id,
@@ -155,10 +169,12 @@ class DeviceAgent:
             train_metrics={"loss": result.loss, "accuracy": result.accuracy},
             codec=self.codec,
         )
-        await self._retry(
-            lambda: send_update(self.broker, self.store, self.config, header, payload)
-        )
+        with self.metrics.publish_seconds.time():
+            await self._retry(
+                lambda: send_update(self.broker, self.store, self.config, header, payload)
+            )
         self.sent += 1
+        self.metrics.sent.inc()
         log.info(
             "device %s sent update %d from version %d (loss %.3f, %d bytes)",
             self.device_id,

@@ -6,9 +6,13 @@ import logging
 import re
 import socket
 
+from prometheus_client import CollectorRegistry
+
 from device_agent.agent import DeviceAgent
 from device_agent.evaluator import Evaluator
+from device_agent.metrics import AgentMetrics
 from infra.connect import MemoryBackends, open_broker, open_store
+from infra.health import backend_problems, health_server
 from infra.lifecycle import stop_on_signals
 from infra.settings import AgentSettings
 
@@ -23,18 +27,29 @@ def default_device_id() -> str:
 
 async def serve_agent(settings: AgentSettings, memory: MemoryBackends | None = None) -> int:
     """Train and publish until SIGTERM or `settings.updates`; return updates sent."""
+    device_id = settings.device_id or default_device_id()
+    registry = CollectorRegistry()
     broker = await open_broker(settings, memory)
     store = open_store(settings, settings.job, memory)
+
+    async def readiness() -> list[str]:
+        return await backend_problems(store=store, broker=broker)
+
     try:
-        async with DeviceAgent(
-            device_id=settings.device_id or default_device_id(),
-            broker=broker,
-            store=store,
-            updates=settings.updates,
-            num_devices=settings.num_devices,
-            dirichlet=settings.dirichlet,
-            slowdown=settings.slowdown,
-        ) as agent:
+        async with (
+            health_server(settings, registry, readiness),
+            DeviceAgent(
+                device_id=device_id,
+                broker=broker,
+                store=store,
+                updates=settings.updates,
+                num_devices=settings.num_devices,
+                dirichlet=settings.dirichlet,
+                slowdown=settings.slowdown,
+                codec=settings.codec,
+                metrics=AgentMetrics(registry, settings.job, device_id),
+            ) as agent,
+        ):
             with stop_on_signals(agent.stop, enabled=memory is None):
                 return await agent.run()
     finally:
@@ -45,9 +60,16 @@ async def serve_agent(settings: AgentSettings, memory: MemoryBackends | None = N
 async def serve_evaluator(settings: AgentSettings, memory: MemoryBackends | None = None) -> int:
     """Evaluate every new version until SIGTERM or `settings.max_versions`."""
     store = open_store(settings, settings.job, memory)
+
+    async def readiness() -> list[str]:
+        return await backend_problems(store=store)
+
     try:
         evaluator = Evaluator(store=store, max_versions=settings.max_versions)
-        with stop_on_signals(evaluator.stop, enabled=memory is None):
-            return await evaluator.run()
+        # The evaluator has no metrics of its own yet: the endpoint serves probes and
+        # process metrics only.
+        async with health_server(settings, CollectorRegistry(), readiness):
+            with stop_on_signals(evaluator.stop, enabled=memory is None):
+                return await evaluator.run()
     finally:
         await store.close()

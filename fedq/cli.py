@@ -36,6 +36,7 @@ from infra.settings import (
     ConnectionSettings,
 )
 from schemas import TrainingConfig
+from schemas.compression import parse_codec
 
 T = TypeVar("T")
 
@@ -239,6 +240,7 @@ def agent(
         float,
         typer.Option(min=1.0, help="Emulate slow hardware: wait (slowdown-1) x compute time."),
     ] = 1.0,
+    codec: CodecOption = "none",
     amqp_url: opt.AmqpUrl = DEFAULT_AMQP_URL,
     redis_url: opt.RedisUrl = DEFAULT_REDIS_URL,
     log_level: opt.LogLevel = "INFO",
@@ -253,6 +255,7 @@ def agent(
         dirichlet=dirichlet,
         updates=updates,
         slowdown=slowdown,
+        codec=codec,
         amqp_url=amqp_url,
         redis_url=redis_url,
     )
@@ -359,6 +362,23 @@ def _compare_option(value: str | None) -> str | None:
     return value
 
 
+def _codec(value: str) -> str:
+    try:
+        return parse_codec(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+CodecOption = Annotated[
+    str,
+    typer.Option(
+        callback=_codec,
+        help="Update codec: none, fp16, bf16, int8, int8:channel or topk:FRACTION "
+        "(e.g. topk:0.01 sends the largest 1 percent of entries, with error feedback).",
+    ),
+]
+
+
 def _speed_profile(value: str) -> str:
     try:
         parse_speed_profile(value)
@@ -402,6 +422,7 @@ def simulate(
         bool, typer.Option(help="End a run as soon as the target accuracy is reached.")
     ] = False,
     seed: opt.Seed = opt.TRAINING.seed,
+    codec: CodecOption = "none",
     out: Annotated[
         Path | None,
         typer.Option(help="Write results.json, metrics-<strategy>.csv and PNG plots here."),
@@ -457,6 +478,7 @@ def simulate(
         max_seconds=max_seconds,
         max_versions=max_versions,
         stop_at_target=stop_at_target,
+        codec=codec,
     )
     strategies = [
         opt.strategy_config(

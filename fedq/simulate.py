@@ -25,6 +25,7 @@ from infra.connect import MEMORY_SCHEME, MemoryBackends, open_broker, open_store
 from infra.protocols import Broker, ModelStore
 from infra.settings import ConnectionSettings
 from schemas import StrategyConfig, TrainingConfig
+from schemas.messages import Codec
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class SimulationSpec:
     max_seconds: float
     max_versions: int | None = None
     stop_at_target: bool = False
+    # Update codec of every device (schemas/compression.py); the same for all, like the data.
+    codec: Codec = "none"
 
     @property
     def seed(self) -> int:
@@ -168,6 +171,7 @@ async def _federate(
             store=store,
             slowdown=factors[i],
             device_index=i,
+            codec=spec.codec,
             retry_seconds=0.2,
         )
         for i in range(spec.devices)

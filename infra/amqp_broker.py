@@ -425,6 +425,10 @@ class AmqpBroker:
         result = queue.declaration_result
         return result.message_count or 0, result.consumer_count or 0
 
+    def is_connected(self) -> bool:
+        """Whether the connection is up now: false while the robust connection reconnects."""
+        return not self._closed and self._connection.connected.is_set()
+
     @staticmethod
     async def _passive(channel: AbstractRobustChannel, name: str, job: str) -> AbstractQueue:
         try:

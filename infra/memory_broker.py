@@ -148,6 +148,10 @@ class MemoryBroker:
         # Like a quorum queue, count only the active consumer, not single-active standbys.
         return len(queues.ready), min(len(queues.consumers), 1)
 
+    def is_connected(self) -> bool:
+        """Always true: there is no link to lose in one process."""
+        return True
+
     def logged(self, job: str) -> list[tuple[str, dict[str, Any], bytes]]:
         """Return (message id, headers, body) of every update the job's log stream recorded."""
         recorded = self._job(job).stream or []

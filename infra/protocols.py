@@ -117,6 +117,10 @@ class Broker(Protocol):
         """Return (ready messages, consumers) of the job's update queue."""
         ...
 
+    def is_connected(self) -> bool:
+        """Whether the broker link is up now (readiness probes; no network round trip)."""
+        ...
+
     async def close(self) -> None: ...
 
 

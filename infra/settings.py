@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.messages import Codec
+
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -19,6 +21,10 @@ class ConnectionSettings(BaseSettings):
     # Socket timeout for Redis commands: big model values need more than a cache's default.
     redis_timeout_seconds: float = Field(default=120.0, gt=0)
     publish_timeout_seconds: float = Field(default=60.0, gt=0)
+    # /healthz, /readyz and /metrics on this port; None serves nothing, 0 picks a free port.
+    metrics_port: int | None = Field(default=None, ge=0, le=65_535)
+    # All interfaces by default: Prometheus and Docker probe from outside the container.
+    metrics_host: str = "0.0.0.0"
 
 
 class AggregatorSettings(ConnectionSettings):
@@ -44,5 +50,7 @@ class AgentSettings(ConnectionSettings):
     dirichlet: float | None = Field(default=None, gt=0)
     # Extra wall time as a multiple of the measured compute time (emulates slow hardware).
     slowdown: float = Field(default=1.0, ge=1.0, le=1000.0)
+    # How updates travel: none, fp16, bf16, int8, int8:channel or topk:FRACTION.
+    codec: Codec = "none"
     max_versions: int | None = Field(default=None, ge=1)
     log_level: str = "INFO"

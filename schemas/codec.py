@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
+from schemas.compression import compress, expand, is_compressed
 from schemas.errors import Rejection, RejectReason
 from schemas.messages import Codec, TensorSpec
 
@@ -31,6 +32,7 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.uint8: "uint8",
     torch.bool: "bool",
 }
+# The cast codecs; int8 and top-k live in schemas/compression.py.
 _CODEC_DTYPES: dict[Codec, torch.dtype | None] = {
     "none": None,
     "fp16": torch.float16,
@@ -60,7 +62,9 @@ def sha256_hex(data: bytes | bytearray | memoryview) -> str:
 
 
 def encode(tensors: Tensors, codec: Codec = "none") -> bytes:
-    """Serialize tensors to safetensors bytes, casting floating tensors as the codec says."""
+    """Serialize tensors to safetensors bytes, casting or compressing floats as the codec says."""
+    if is_compressed(codec):
+        return bytes(_st_save(compress(tensors, codec)))
     wire_dtype = _CODEC_DTYPES[codec]
     prepared: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
@@ -83,6 +87,9 @@ def decode(data: bytes) -> dict[str, torch.Tensor]:
 
 def validate(tensors: Tensors, schema: Mapping[str, TensorSpec], codec: Codec = "none") -> None:
     """Check exact key set, shapes, wire dtypes and finiteness against the job's schema."""
+    if is_compressed(codec):
+        expand(tensors, schema, codec)
+        return
     missing = schema.keys() - tensors.keys()
     extra = tensors.keys() - schema.keys()
     if missing or extra:
@@ -125,5 +132,7 @@ def decode_validated(
 ) -> dict[str, torch.Tensor]:
     """Decode, validate and restore an update payload in one call (run it off the event loop)."""
     tensors = decode(data)
+    if is_compressed(codec):
+        return expand(tensors, schema, codec)
     validate(tensors, schema, codec)
     return restore_dtypes(tensors, schema)

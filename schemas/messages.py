@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -34,7 +41,20 @@ Timestamp = Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)]
 
 MAX_PAYLOAD_BYTES = 2**40
 UpdateKind = Literal["delta", "weights"]
-Codec = Literal["none", "fp16", "bf16"]
+# A cast (none, fp16, bf16), int8 quantization (per tensor or per channel), or top-k
+# sparsification keeping FRACTION of the entries, 0 < FRACTION <= 1 (schemas/compression.py).
+CODEC_PATTERN = r"^(none|fp16|bf16|int8|int8:channel|topk:([01]|[01]?\.[0-9]{1,8}))$"
+
+
+def _check_codec(codec: str) -> str:
+    if codec.startswith("topk:") and not 0 < float(codec.removeprefix("topk:")) <= 1:
+        raise ValueError("topk FRACTION must be in (0, 1]")
+    return codec
+
+
+Codec = Annotated[
+    str, StringConstraints(max_length=16, pattern=CODEC_PATTERN), AfterValidator(_check_codec)
+]
 PayloadMode = Literal["inline", "blob"]
 DType = Literal["float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool"]
 

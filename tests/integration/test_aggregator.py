@@ -247,21 +247,23 @@ async def test_fedasync_mixes_with_the_base_version_of_a_stale_update(
 @pytest.mark.parametrize("kind", BACKENDS)
 async def test_a_fenced_aggregator_stops_and_acks_nothing(kind: str, job_id: str) -> None:
     async with job_backends(kind, job_id, FEDBUFF_2) as backends:
-        # Arrange: another aggregator commits version 1 while this one holds version 0
-        aggregator = Aggregator(
-            job=job_id, broker=backends.broker, store=backends.store, idle_timeout=1.0
-        )
+        for value in (1.0, 2.0):
+            await _publish(backends, update(job_id, delta(value)))
+        aggregator = Aggregator(job=job_id, broker=backends.broker, store=backends.store)
         async with aggregator:
+            deliveries = backends.broker.consume(job_id, prefetch=10)
+            # Arrange: this aggregator buffers one update from version 0 ...
+            await aggregator.handle(await anext(deliveries))
+            # ... while another aggregator commits version 1
             other = encode(INITIAL)
             meta = VersionMeta(
                 version=1, created_at=0.0, sha256=sha256_hex(other), model_bytes=len(other)
             )
             await backends.store.commit(0, other, meta)
-            for value in (1.0, 2.0):
-                await _publish(backends, update(job_id, delta(value)))
-            # Act / assert
+            # Act / assert: the second update completes the buffer, and the commit is fenced
             with pytest.raises(Fenced):
-                await aggregator.run()
+                await aggregator.handle(await anext(deliveries))
+            await deliveries.aclose()
         # Assert: the winner's version stands; both updates are back in the queue
         assert await backends.store.current_version() == 1
         torch.testing.assert_close((await _model(backends, 1))["w"], INITIAL["w"])
@@ -269,6 +271,30 @@ async def test_a_fenced_aggregator_stops_and_acks_nothing(kind: str, job_id: str
         await asyncio.sleep(0.2)
         ready, _ = await backends.broker.queue_depth(job_id)
         assert ready == 2
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_an_idle_aggregator_catches_up_with_versions_committed_elsewhere(
+    kind: str, job_id: str
+) -> None:
+    async with job_backends(kind, job_id, FEDBUFF_2) as backends:
+        async with Aggregator(
+            job=job_id, broker=backends.broker, store=backends.store, idle_timeout=1.0
+        ) as aggregator:
+            # Arrange: a standby loaded version 0; the active aggregator then committed v1
+            moved = {"w": INITIAL["w"] + 10.0, "b": INITIAL["b"]}
+            data = encode(moved)
+            meta = VersionMeta(
+                version=1, created_at=0.0, sha256=sha256_hex(data), model_bytes=len(data)
+            )
+            await backends.store.commit(0, data, meta)
+            for value in (1.0, 3.0):
+                await _publish(backends, update(job_id, delta(value), base_version=1))
+            # Act: the standby becomes active and gets the next updates
+            await aggregator.run()
+        # Assert: it folded them into version 1, not into its stale copy of version 0
+        assert await backends.store.current_version() == 2
+        torch.testing.assert_close((await _model(backends, 2))["w"], INITIAL["w"] + 12.0)
 
 
 @pytest.mark.parametrize("kind", BACKENDS)

@@ -214,10 +214,13 @@ def test_start_order(compose: dict[str, Any]) -> None:
         assert _service(compose, name)["restart"] == "unless-stopped"
 
 
-def test_fedq_healthchecks_use_fedq_status(compose: dict[str, Any]) -> None:
-    for name in ("aggregator", "evaluator"):
-        test = " ".join(_service(compose, name)["healthcheck"]["test"])
-        assert "fedq status" in test and "--json" in test
+def test_fedq_healthchecks_probe_readyz(compose: dict[str, Any]) -> None:
+    for name in ("aggregator", "evaluator", "agent"):
+        service = _service(compose, name)
+        test = " ".join(service["healthcheck"]["test"])
+        # The image has no curl: the probe is Python's urllib against the service's own port.
+        assert "urllib.request" in test and "/readyz" in test and "FEDQ_METRICS_PORT" in test
+        assert service["environment"]["FEDQ_METRICS_PORT"]
 
 
 def _dockerfile() -> list[tuple[str, str]]:
