@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import struct
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -72,6 +73,10 @@ def encode_headers(headers: Mapping[str, Any]) -> bytes:
 
 def _encode_value(value: Any) -> bytes:
     if isinstance(value, float):
+        if not math.isfinite(value):
+            # Erlang has no NaN or infinity: RabbitMQ answers such a header by closing the
+            # connection, and a republish loop would follow. Refuse it here instead.
+            raise ValueError(f"header value {value} is not finite")
         return b"d" + struct.pack(">d", value)
     if isinstance(value, dict):
         return b"F" + encode_headers(value)
