@@ -185,11 +185,18 @@ class AmqpBroker:
         self._consumers: weakref.WeakSet[AmqpConsumer] = weakref.WeakSet()
 
     @classmethod
-    async def connect(cls, url: str, *, publish_timeout: float = 60.0) -> AmqpBroker:
-        """Connect (reconnecting by itself later on) and open the publishing channel."""
+    async def connect(
+        cls, url: str, *, publish_timeout: float = 60.0, connection_name: str = "fedq"
+    ) -> AmqpBroker:
+        """Connect (reconnecting by itself later on) and open the publishing channel.
+
+        `connection_name` shows in RabbitMQ's connection list, so operators see who is who.
+        """
         with _backend_errors(f"cannot connect to {_safe_url(url)}"):
             async with asyncio.timeout(publish_timeout):
-                connection = await aio_pika.connect_robust(url)
+                connection = await aio_pika.connect_robust(
+                    url, client_properties={"connection_name": connection_name}
+                )
                 try:
                     channel = connection.channel(publisher_confirms=True, on_return_raises=True)
                     await channel.initialize()
@@ -449,6 +456,9 @@ class AmqpBroker:
             raise BackendUnavailable(f"{what}: the broker connection is closed")
         with _backend_errors(what):
             async with asyncio.timeout(self.publish_timeout):
+                # Right after a lost link, opening a channel fails at once ("closed"): wait for
+                # the robust connection to come back first, within the same time bound.
+                await self._connection.connected.wait()
                 yield
 
     async def close(self) -> None:
