@@ -20,7 +20,14 @@ from prometheus_client import CollectorRegistry
 
 from aggregator.metrics import AggregatorMetrics
 from aggregator.strategies import Contribution, Receipt, Strategy, build_strategy
-from aggregator.validation import check_payload, check_sizes, parse_header
+from aggregator.validation import (
+    check_age,
+    check_payload,
+    check_signature,
+    check_signed,
+    check_sizes,
+    parse_header,
+)
 from infra.errors import BackendUnavailable, VersionConflict
 from infra.protocols import Broker, Delivery, ModelStore
 from infra.retry import retry_unavailable
@@ -185,8 +192,12 @@ class Aggregator:
 
     async def _fold(self, delivery: Delivery) -> None:
         header = parse_header(delivery.headers, self.job)
+        await self._authenticate(header)
         if await self._is_duplicate(header.update_id, delivery):
             return
+        # After the duplicate check: a late redelivery of an applied update is acked, not
+        # reported as a replay.
+        check_age(header, self.config, time.time())
         verdict = self.strategy.admit(
             base_version=header.base_version, version=self.version, device_id=header.device_id
         )
@@ -214,6 +225,15 @@ class Aggregator:
         if receipts is not None:
             with self.metrics.commit_seconds.time():
                 await self._commit(receipts)
+
+    async def _authenticate(self, header: UpdateHeader) -> None:
+        """Refuse an update not signed by its device's registered key, if the job says so."""
+        if not self.config.require_signatures:
+            return
+        check_signed(header)
+        # Looked up per update, not cached: a revocation takes effect on the next update.
+        public_key = await self._retry(lambda: self.store.device_key(header.device_id))
+        check_signature(header, public_key)
 
     async def _is_duplicate(self, update_id: str, delivery: Delivery) -> bool:
         [already_applied] = await self._retry(lambda: self.store.applied([update_id]))

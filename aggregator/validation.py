@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from schemas import JobConfig, Rejection, RejectReason, UpdateHeader
 from schemas.codec import sha256_hex
+from schemas.signing import verify
 
 # Headers added by the broker (x-delivery-count on quorum queues, x-death) or by our own
 # dead-lettering are transport metadata, not part of the update header.
@@ -59,6 +60,40 @@ def check_payload(header: UpdateHeader, payload: bytes) -> None:
         )
     if sha256_hex(payload) != header.payload_sha256:
         raise Rejection(RejectReason.HASH_MISMATCH, "payload sha256 differs from the header's")
+
+
+def check_signed(header: UpdateHeader) -> None:
+    """Refuse an update without a signature (jobs that require signatures)."""
+    if header.signature is None:
+        raise Rejection(RejectReason.UNSIGNED, f"device {header.device_id} sent no signature")
+
+
+def check_signature(header: UpdateHeader, public_key: str | None) -> None:
+    """Refuse an update not signed by the key registered for its claimed device id.
+
+    `public_key` is the registry's key for `header.device_id` (None: unknown or revoked).
+    Because the device id is inside the signed bytes, another device's key cannot sign
+    for it: impersonation fails here as a bad signature.
+    """
+    if public_key is None:
+        raise Rejection(
+            RejectReason.UNKNOWN_DEVICE, f"device {header.device_id} is unknown or revoked"
+        )
+    if not verify(header, public_key):
+        raise Rejection(
+            RejectReason.BAD_SIGNATURE,
+            f"signature does not verify with the key of device {header.device_id}",
+        )
+
+
+def check_age(header: UpdateHeader, config: JobConfig, now: float) -> None:
+    """Refuse an update sent longer ago than the job's `max_update_age_seconds`."""
+    limit = config.max_update_age_seconds
+    if limit is not None and now - header.sent_at > limit:
+        raise Rejection(
+            RejectReason.REPLAYED,
+            f"sent {now - header.sent_at:.0f} s ago, over the job's limit of {limit:g} s",
+        )
 
 
 def _text(value: Any) -> Any:

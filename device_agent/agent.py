@@ -22,6 +22,7 @@ from schemas import JobConfig
 from schemas.codec import decode
 from schemas.compression import error_feedback, topk_fraction
 from schemas.messages import Codec
+from schemas.signing import public_key_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,8 +49,11 @@ class DeviceAgent:
         codec: Codec = "none",
         retry_seconds: float = 1.0,
         metrics: AgentMetrics | None = None,
+        signing_key: str | None = None,
     ) -> None:
         self.device_id = device_id
+        # Base64 Ed25519 private key; every update is signed with it when given.
+        self._signing_key = signing_key
         self.broker = broker
         self.store = store
         self.updates = updates
@@ -90,6 +94,7 @@ class DeviceAgent:
         index = torch.as_tensor(shard, dtype=torch.long)
         self.x, self.y = data.x_train[index], data.y_train[index]
         self.model = task.build_model(training.seed)
+        await self._check_registration()
         log.info(
             "device %s (index %d of %d) joins job %s with %d samples",
             self.device_id,
@@ -102,6 +107,20 @@ class DeviceAgent:
 
     async def __aexit__(self, *exc_info: object) -> None:
         return None
+
+    async def _check_registration(self) -> None:
+        """Warn early if the aggregator would refuse this device's signed updates."""
+        if self._signing_key is None:
+            return
+        registered = await self._retry(lambda: self.store.device_key(self.device_id))
+        if registered != public_key_of(self._signing_key):
+            log.warning(
+                "device %s: the key file's public key is not the one registered for job %s "
+                "(unknown, revoked or replaced): a job that requires signatures refuses its "
+                "updates",
+                self.device_id,
+                self.config.job,
+            )
 
     @property
     def synchronous(self) -> bool:
@@ -168,6 +187,7 @@ class DeviceAgent:
             delta=delta,
             train_metrics={"loss": result.loss, "accuracy": result.accuracy},
             codec=self.codec,
+            signing_key=self._signing_key,
         )
         with self.metrics.publish_seconds.time():
             await self._retry(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import stat
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -15,6 +17,7 @@ from infra.connect import MemoryBackends, open_broker, open_store
 from infra.health import backend_problems, health_server
 from infra.lifecycle import stop_on_signals
 from infra.settings import AgentSettings
+from schemas.signing import InvalidKey, public_key_of
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +28,26 @@ def default_device_id() -> str:
     return host[:128]
 
 
+def read_private_key(path: Path) -> str:
+    """Read a device's base64 private key file, refusing one that is not a valid key."""
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        # Not fatal (a mounted secret may show other modes), but worth an operator's look.
+        log.warning("key file %s is readable by group or others (mode %o)", path, mode & 0o777)
+    try:
+        key = path.read_text(encoding="ascii").strip()
+    except UnicodeDecodeError:
+        raise InvalidKey(f"{path} is not base64 text") from None
+    public_key_of(key)  # raises InvalidKey now rather than at the first update
+    return key
+
+
 async def serve_agent(settings: AgentSettings, memory: MemoryBackends | None = None) -> int:
     """Train and publish until SIGTERM or `settings.updates`; return updates sent."""
     device_id = settings.device_id or default_device_id()
+    signing_key = (
+        None if settings.device_key_file is None else read_private_key(settings.device_key_file)
+    )
     registry = CollectorRegistry()
     broker = await open_broker(settings, memory)
     store = open_store(settings, settings.job, memory)
@@ -48,6 +68,7 @@ async def serve_agent(settings: AgentSettings, memory: MemoryBackends | None = N
                 slowdown=settings.slowdown,
                 codec=settings.codec,
                 metrics=AgentMetrics(registry, settings.job, device_id),
+                signing_key=signing_key,
             ) as agent,
         ):
             with stop_on_signals(agent.stop, enabled=memory is None):

@@ -12,6 +12,7 @@ from infra.protocols import Broker, ModelStore
 from schemas import JobConfig, UpdateHeader
 from schemas.codec import encode, sha256_hex
 from schemas.messages import Codec
+from schemas.signing import sign
 
 
 def build_update(
@@ -23,8 +24,12 @@ def build_update(
     delta: Mapping[str, torch.Tensor],
     train_metrics: Mapping[str, float],
     codec: Codec = "none",
+    signing_key: str | None = None,
 ) -> tuple[UpdateHeader, bytes]:
-    """Encode a delta and describe it in a header; the update id is minted here, once."""
+    """Encode a delta and describe it in a header, signed with `signing_key` if given.
+
+    The update id is minted here, once; the signature covers the payload through its hash.
+    """
     payload = encode(delta, codec)
     header = UpdateHeader(
         job=config.job,
@@ -40,6 +45,8 @@ def build_update(
         train_metrics=dict(train_metrics),
         sent_at=time.time(),
     )
+    if signing_key is not None:
+        header = sign(header, signing_key)
     return header, payload
 
 

@@ -20,8 +20,8 @@ from rich.table import Table
 from aggregator.runner import serve as serve_aggregator
 from aggregator.service import Fenced
 from device_agent.runner import serve_agent, serve_evaluator
+from fedq import dead_cli, device_cli, record_cli
 from fedq import options as opt
-from fedq import record_cli
 from fedq.compare import run_simulation
 from fedq.jobs import create_job, initial_job, job_status
 from fedq.simulate import SimulationSpec
@@ -37,6 +37,7 @@ from infra.settings import (
 )
 from schemas import TrainingConfig
 from schemas.compression import parse_codec
+from schemas.signing import InvalidKey
 
 T = TypeVar("T")
 
@@ -59,6 +60,8 @@ job_app = typer.Typer(
 )
 app.add_typer(job_app, name="job")
 record_cli.register(app)
+dead_cli.register(app)
+device_cli.register(app)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -80,6 +83,8 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
         raise _fail(f"fenced by another aggregator: {exc}") from None
     except ValidationError as exc:
         raise _fail(str(exc).splitlines()[0] + ": " + str(exc).splitlines()[-1]) from None
+    except InvalidKey as exc:
+        raise _fail(f"the device key file is not a valid key: {exc}") from None
 
 
 def _logging(level: str) -> None:
@@ -122,6 +127,16 @@ def job_create(
         bool,
         typer.Option(help="Keep every update in the stream fedq.log.J for `fedq record`."),
     ] = True,
+    require_signatures: Annotated[
+        bool,
+        typer.Option(
+            help="Refuse updates not signed by a device registered with `fedq device add`."
+        ),
+    ] = False,
+    max_update_age: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="Refuse updates sent more than this many seconds ago."),
+    ] = None,
     amqp_url: opt.AmqpUrl = DEFAULT_AMQP_URL,
     redis_url: opt.RedisUrl = DEFAULT_REDIS_URL,
 ) -> None:
@@ -154,7 +169,14 @@ def job_create(
     settings = ConnectionSettings(amqp_url=amqp_url, redis_url=redis_url)
 
     async def create() -> bool:
-        config, model, meta = initial_job(job, task, strategy_config, training)
+        config, model, meta = initial_job(
+            job,
+            task,
+            strategy_config,
+            training,
+            require_signatures=require_signatures,
+            max_update_age_seconds=max_update_age,
+        )
         broker = await open_broker(settings)
         store = open_store(settings, job)
         try:
@@ -241,6 +263,15 @@ def agent(
         typer.Option(min=1.0, help="Emulate slow hardware: wait (slowdown-1) x compute time."),
     ] = 1.0,
     codec: CodecOption = "none",
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FEDQ_DEVICE_KEY_FILE",
+            exists=True,
+            dir_okay=False,
+            help="The device's private key (from `fedq device add`): sign every update.",
+        ),
+    ] = None,
     amqp_url: opt.AmqpUrl = DEFAULT_AMQP_URL,
     redis_url: opt.RedisUrl = DEFAULT_REDIS_URL,
     log_level: opt.LogLevel = "INFO",
@@ -256,6 +287,7 @@ def agent(
         updates=updates,
         slowdown=slowdown,
         codec=codec,
+        device_key_file=key_file,
         amqp_url=amqp_url,
         redis_url=redis_url,
     )

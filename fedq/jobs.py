@@ -13,7 +13,13 @@ from schemas.codec import encode, schema_of, sha256_hex
 
 
 def initial_job(
-    job: str, task_name: str, strategy: StrategyConfig, training: TrainingConfig
+    job: str,
+    task_name: str,
+    strategy: StrategyConfig,
+    training: TrainingConfig,
+    *,
+    require_signatures: bool = False,
+    max_update_age_seconds: float | None = None,
 ) -> tuple[JobConfig, bytes, VersionMeta]:
     """Build the job config, the task's initial model bytes and version 0's meta."""
     task = get_task(task_name)
@@ -27,6 +33,8 @@ def initial_job(
         training=training,
         model_schema=schema_of(state),
         created_at=now,
+        require_signatures=require_signatures,
+        max_update_age_seconds=max_update_age_seconds,
     )
     meta = VersionMeta(
         version=0, created_at=now, sha256=sha256_hex(model_bytes), model_bytes=len(model_bytes)

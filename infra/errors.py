@@ -21,3 +21,7 @@ class VersionConflict(Exception):
 
 class PublishError(Exception):
     """The broker did not take a message: returned as unroutable, nacked, or timed out."""
+
+
+class DeviceExists(Exception):
+    """The device id already has a (different, or revoked) key; replace it explicitly."""

@@ -74,6 +74,16 @@ class JobKeys:
         return f"{self.prefix}:devices"
 
     @property
+    def device_keys(self) -> str:
+        """Hash: device id -> base64 Ed25519 public key (the device registry)."""
+        return f"{self.prefix}:devices:keys"
+
+    @property
+    def revoked_devices(self) -> str:
+        """Set: device ids whose key no longer authenticates updates."""
+        return f"{self.prefix}:devices:revoked"
+
+    @property
     def pattern(self) -> str:
         """A SCAN pattern matching every key of the job (job ids hold no glob characters)."""
         return f"{self.prefix}:*"

@@ -15,7 +15,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from infra.errors import JobExists, JobNotFound, VersionConflict
+from infra.errors import DeviceExists, JobExists, JobNotFound, VersionConflict
+from infra.protocols import DeviceRecord
 from schemas import JobConfig, VersionMeta
 
 
@@ -35,6 +36,8 @@ class _JobState:
     latest_eval: tuple[int, dict[str, float]] | None = None
     rejections: Counter[str] = field(default_factory=Counter)
     devices: dict[str, int] = field(default_factory=dict)
+    device_keys: dict[str, str] = field(default_factory=dict)
+    revoked_devices: set[str] = field(default_factory=set)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
@@ -254,3 +257,44 @@ class MemoryModelStore:
         await _checkpoint()
         devices = self._hub.state(self.job).devices
         return devices.setdefault(device_id, len(devices))
+
+    # -- device registry ---------------------------------------------------------------
+
+    async def register_device(
+        self, device_id: str, public_key: str, *, replace: bool = False
+    ) -> None:
+        """Register a device's base64 Ed25519 public key (and lift any revocation)."""
+        await _checkpoint()
+        state = self._hub.state(self.job)
+        current = state.device_keys.get(device_id)
+        revoked = device_id in state.revoked_devices
+        if current is not None and not replace and (current != public_key or revoked):
+            raise DeviceExists(f"device {device_id} of job {self.job} has another or revoked key")
+        state.device_keys[device_id] = public_key
+        state.revoked_devices.discard(device_id)
+
+    async def device_key(self, device_id: str) -> str | None:
+        """Return the device's public key, or None if it is unknown or revoked."""
+        await _checkpoint()
+        state = self._hub.peek(self.job)
+        if device_id in state.revoked_devices:
+            return None
+        return state.device_keys.get(device_id)
+
+    async def revoke_device(self, device_id: str) -> bool:
+        """Stop the device's key from authenticating updates; False if it is not registered."""
+        await _checkpoint()
+        state = self._hub.peek(self.job)
+        if device_id not in state.device_keys:
+            return False
+        self._hub.state(self.job).revoked_devices.add(device_id)
+        return True
+
+    async def list_devices(self) -> list[DeviceRecord]:
+        """Return every registered device, revoked ones included, sorted by id."""
+        await _checkpoint()
+        state = self._hub.peek(self.job)
+        return [
+            DeviceRecord(device, key, device in state.revoked_devices)
+            for device, key in sorted(state.device_keys.items())
+        ]

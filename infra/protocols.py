@@ -64,6 +64,15 @@ class DeadLetter:
     body: bytes = b""
 
 
+@dataclass(frozen=True)
+class DeviceRecord:
+    """One entry of a job's device registry."""
+
+    device_id: str
+    public_key: str
+    revoked: bool
+
+
 class Broker(Protocol):
     """Topology, publishing and consuming of update messages, plus version announcements."""
 
@@ -196,6 +205,28 @@ class ModelStore(Protocol):
 
     async def claim_device_index(self, device_id: str) -> int:
         """Give each distinct device id a stable index 0, 1, 2, ... (first come first served)."""
+        ...
+
+    async def register_device(
+        self, device_id: str, public_key: str, *, replace: bool = False
+    ) -> None:
+        """Register a device's base64 Ed25519 public key (and lift any revocation).
+
+        Raise DeviceExists if the device already has a different or revoked key and
+        `replace` is False; registering the same active key again is a no-op.
+        """
+        ...
+
+    async def device_key(self, device_id: str) -> str | None:
+        """Return the device's public key, or None if it is unknown or revoked."""
+        ...
+
+    async def revoke_device(self, device_id: str) -> bool:
+        """Stop the device's key from authenticating updates; False if it is not registered."""
+        ...
+
+    async def list_devices(self) -> list[DeviceRecord]:
+        """Return every registered device, revoked ones included, sorted by id."""
         ...
 
     async def close(self) -> None: ...

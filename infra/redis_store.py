@@ -22,8 +22,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from infra.errors import BackendUnavailable, JobExists, JobNotFound, VersionConflict
+from infra.errors import (
+    BackendUnavailable,
+    DeviceExists,
+    JobExists,
+    JobNotFound,
+    VersionConflict,
+)
 from infra.keys import JobKeys
+from infra.protocols import DeviceRecord
 from schemas import JobConfig, VersionMeta
 
 logger = logging.getLogger(__name__)
@@ -117,6 +124,25 @@ return idx
 """
 
 
+# KEYS: device keys hash, revoked set; ARGV: device id, public key, replace (1/0).
+# Returns 1 registered (or already registered with this active key), 0 refused.
+_REGISTER_DEVICE_LUA = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+local revoked = redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1
+if current and ARGV[3] ~= '1' and (current ~= ARGV[2] or revoked) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS: device keys hash, revoked set; ARGV: device id. Returns 1 revoked, 0 not registered.
+_REVOKE_DEVICE_LUA = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+
 def _unavailable_on_network_errors(
     fn: Callable[_P, Awaitable[_R]],
 ) -> Callable[_P, Coroutine[Any, Any, _R]]:
@@ -157,6 +183,8 @@ class RedisModelStore:
         self._create_script = client.register_script(_CREATE_LUA)
         self._commit_script = client.register_script(_COMMIT_LUA)
         self._claim_script = client.register_script(_CLAIM_DEVICE_LUA)
+        self._register_device_script = client.register_script(_REGISTER_DEVICE_LUA)
+        self._revoke_device_script = client.register_script(_REVOKE_DEVICE_LUA)
 
     @classmethod
     def from_url(cls, url: str, job: str, *, timeout: float = 120.0) -> RedisModelStore:
@@ -433,6 +461,52 @@ class RedisModelStore:
     async def claim_device_index(self, device_id: str) -> int:
         """Give each distinct device id a stable index 0, 1, 2, ... (first come first served)."""
         return int(await self._claim_script(keys=[self._keys.devices], args=[device_id]))
+
+    # -- device registry ---------------------------------------------------------------
+
+    @_unavailable_on_network_errors
+    async def register_device(
+        self, device_id: str, public_key: str, *, replace: bool = False
+    ) -> None:
+        """Register a device's base64 Ed25519 public key (and lift any revocation)."""
+        registered = await self._register_device_script(
+            keys=[self._keys.device_keys, self._keys.revoked_devices],
+            args=[device_id, public_key, int(replace)],
+        )
+        if not registered:
+            raise DeviceExists(f"device {device_id} of job {self.job} has another or revoked key")
+
+    @_unavailable_on_network_errors
+    async def device_key(self, device_id: str) -> str | None:
+        """Return the device's public key, or None if it is unknown or revoked."""
+        # One round trip, and MULTI so a revoke cannot land between the two reads.
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hget(self._keys.device_keys, device_id)
+            pipe.sismember(self._keys.revoked_devices, device_id)
+            key, revoked = await pipe.execute()
+        return None if key is None or revoked else _text(key)
+
+    @_unavailable_on_network_errors
+    async def revoke_device(self, device_id: str) -> bool:
+        """Stop the device's key from authenticating updates; False if it is not registered."""
+        revoked = await self._revoke_device_script(
+            keys=[self._keys.device_keys, self._keys.revoked_devices], args=[device_id]
+        )
+        return bool(revoked)
+
+    @_unavailable_on_network_errors
+    async def list_devices(self) -> list[DeviceRecord]:
+        """Return every registered device, revoked ones included, sorted by id."""
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self._keys.device_keys)
+            pipe.smembers(self._keys.revoked_devices)
+            keys, revoked = await pipe.execute()
+        revoked_ids = {_text(device) for device in revoked}
+        records = (
+            DeviceRecord(_text(device), _text(key), _text(device) in revoked_ids)
+            for device, key in keys.items()
+        )
+        return sorted(records, key=lambda record: record.device_id)
 
 
 def _last_id_in(reply: Any) -> bytes | str | None:

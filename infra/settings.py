@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -53,4 +55,7 @@ class AgentSettings(ConnectionSettings):
     # How updates travel: none, fp16, bf16, int8, int8:channel or topk:FRACTION.
     codec: Codec = "none"
     max_versions: int | None = Field(default=None, ge=1)
+    # FEDQ_DEVICE_KEY_FILE: the device's private key (base64 of 32 raw bytes, from
+    # `fedq device add`); every update is signed with it when set.
+    device_key_file: Path | None = None
     log_level: str = "INFO"

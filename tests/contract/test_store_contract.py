@@ -11,10 +11,16 @@ import pytest
 import redis.asyncio as aioredis
 import torch
 
-from infra.errors import BackendUnavailable, JobExists, JobNotFound, VersionConflict
+from infra.errors import (
+    BackendUnavailable,
+    DeviceExists,
+    JobExists,
+    JobNotFound,
+    VersionConflict,
+)
 from infra.keys import JobKeys
 from infra.memory_store import MemoryModelStore, MemoryStoreHub
-from infra.protocols import ModelStore
+from infra.protocols import DeviceRecord, ModelStore
 from infra.redis_store import RedisModelStore
 from schemas import JobConfig, StrategyConfig, VersionMeta
 from schemas.codec import encode, schema_of, sha256_hex
@@ -427,3 +433,50 @@ async def test_unreachable_redis_raises_backend_unavailable(job_id: str) -> None
             await store.current_version()
     finally:
         await store.close()
+
+
+# -- device registry -------------------------------------------------------------------
+
+
+async def test_device_registry_register_revoke_and_list(store: ModelStore) -> None:
+    # arrange
+    await store.create_job(make_config(store.job), make_model(0.0), make_meta(0, make_model(0.0)))
+    # act
+    await store.register_device("dev-b", "key-b")
+    await store.register_device("dev-a", "key-a")
+    await store.register_device("dev-a", "key-a")  # the same active key again: a no-op
+    revoked = await store.revoke_device("dev-b")
+    # assert
+    assert revoked is True
+    assert await store.revoke_device("dev-unknown") is False
+    assert await store.device_key("dev-a") == "key-a"
+    assert await store.device_key("dev-b") is None
+    assert await store.device_key("dev-unknown") is None
+    assert await store.list_devices() == [
+        DeviceRecord("dev-a", "key-a", revoked=False),
+        DeviceRecord("dev-b", "key-b", revoked=True),
+    ]
+
+
+async def test_a_device_key_is_replaced_only_when_asked(store: ModelStore) -> None:
+    # arrange
+    await store.create_job(make_config(store.job), make_model(0.0), make_meta(0, make_model(0.0)))
+    await store.register_device("dev-a", "key-1")
+    await store.revoke_device("dev-a")
+    # act / assert: neither another key nor the revoked one comes back silently
+    with pytest.raises(DeviceExists):
+        await store.register_device("dev-a", "key-2")
+    with pytest.raises(DeviceExists):
+        await store.register_device("dev-a", "key-1")
+    await store.register_device("dev-a", "key-2", replace=True)
+    assert await store.device_key("dev-a") == "key-2"
+    assert await store.list_devices() == [DeviceRecord("dev-a", "key-2", revoked=False)]
+
+
+async def test_deleting_the_job_forgets_its_devices(store: ModelStore) -> None:
+    await store.create_job(make_config(store.job), make_model(0.0), make_meta(0, make_model(0.0)))
+    await store.register_device("dev-a", "key-a")
+    await store.revoke_device("dev-a")
+    await store.delete_job()
+    assert await store.list_devices() == []
+    assert await store.device_key("dev-a") is None

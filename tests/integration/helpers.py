@@ -33,8 +33,13 @@ class Backends:
 
 
 @asynccontextmanager
-async def job_backends(kind: str, job: str, strategy: StrategyConfig) -> AsyncIterator[Backends]:
-    """Create a job with the tiny INITIAL model on memory or real backends; delete it after."""
+async def job_backends(
+    kind: str, job: str, strategy: StrategyConfig, **config_options: Any
+) -> AsyncIterator[Backends]:
+    """Create a job with the tiny INITIAL model on memory or real backends; delete it after.
+
+    `config_options` are further JobConfig fields (e.g. require_signatures=True).
+    """
     if kind == "real":
         broker: Broker = await AmqpBroker.connect(AMQP_URL)
         store: ModelStore = RedisModelStore.from_url(REDIS_URL, job)
@@ -48,6 +53,7 @@ async def job_backends(kind: str, job: str, strategy: StrategyConfig) -> AsyncIt
         model_schema=schema_of(INITIAL),
         inline_limit_bytes=64,
         created_at=time.time(),
+        **config_options,
     )
     model = encode(INITIAL)
     meta = VersionMeta(
