@@ -23,6 +23,7 @@ from device_agent.runner import serve_agent, serve_evaluator
 from fedq import dead_cli, device_cli, record_cli
 from fedq import options as opt
 from fedq.compare import run_simulation
+from fedq.console import Explanations, fail, run_command
 from fedq.jobs import create_job, initial_job, job_status
 from fedq.simulate import SimulationSpec
 from fedq.speeds import parse_speed_profile
@@ -64,27 +65,18 @@ dead_cli.register(app)
 device_cli.register(app)
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg="red")
-    return typer.Exit(1)
+_EXPLANATIONS: Explanations = {
+    JobNotFound: lambda e: f"job not found ({e}); create it with `fedq job create`",
+    JobExists: lambda e: f"job already exists ({e}); pass --if-not-exists to accept it",
+    BackendUnavailable: lambda e: f"cannot reach RabbitMQ or Redis: {e}",
+    Fenced: lambda e: f"fenced by another aggregator: {e}",
+    ValidationError: lambda e: str(e).splitlines()[0] + ": " + str(e).splitlines()[-1],
+    InvalidKey: lambda e: f"the device key file is not a valid key: {e}",
+}
 
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine, turning the errors a user can fix into one-line messages."""
-    try:
-        return asyncio.run(coroutine)
-    except JobNotFound as exc:
-        raise _fail(f"job not found ({exc}); create it with `fedq job create`") from None
-    except JobExists as exc:
-        raise _fail(f"job already exists ({exc}); pass --if-not-exists to accept it") from None
-    except BackendUnavailable as exc:
-        raise _fail(f"cannot reach RabbitMQ or Redis: {exc}") from None
-    except Fenced as exc:
-        raise _fail(f"fenced by another aggregator: {exc}") from None
-    except ValidationError as exc:
-        raise _fail(str(exc).splitlines()[0] + ": " + str(exc).splitlines()[-1]) from None
-    except InvalidKey as exc:
-        raise _fail(f"the device key file is not a valid key: {exc}") from None
+    return run_command(coroutine, _EXPLANATIONS)
 
 
 def _logging(level: str) -> None:
@@ -489,7 +481,7 @@ def simulate(
     """
     _logging(log_level)
     if amqp_url.startswith("memory://") != redis_url.startswith("memory://"):
-        raise _fail("--amqp-url and --redis-url must both be memory:// or both be real services")
+        raise fail("--amqp-url and --redis-url must both be memory:// or both be real services")
     torch.set_num_threads(1)
     names = _strategy_list(compare) if compare else [strategy]
     spec = SimulationSpec(

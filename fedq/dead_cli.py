@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import Counter
 from collections.abc import Coroutine
@@ -11,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from fedq import options as opt
+from fedq.console import Explanations, run_command
 from infra.amqp_broker import AmqpBroker
 from infra.dead_letters import Action, Decide, keep_all, matching, rework_dead_letters
 from infra.errors import BackendUnavailable, JobNotFound, PublishError
@@ -36,21 +36,15 @@ Reason = Annotated[
 ]
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg="red")
-    return typer.Exit(1)
+_EXPLANATIONS: Explanations = {
+    JobNotFound: lambda e: f"job not found ({e})",
+    PublishError: lambda e: f"{e}; the dead letters were left in place",
+    BackendUnavailable: lambda e: f"cannot reach RabbitMQ: {e}",
+}
 
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run a command, turning the errors a user can fix into one-line messages."""
-    try:
-        return asyncio.run(coroutine)
-    except JobNotFound as exc:
-        raise _fail(f"job not found ({exc})") from None
-    except PublishError as exc:
-        raise _fail(f"{exc}; the dead letters were left in place") from None
-    except BackendUnavailable as exc:
-        raise _fail(f"cannot reach RabbitMQ: {exc}") from None
+    return run_command(coroutine, _EXPLANATIONS)
 
 
 def _rework(amqp_url: str, job: str, decide: Decide) -> list[tuple[DeadLetter, Action]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -16,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedq import options as opt
+from fedq.console import Explanations, fail, run_command
 from infra.connect import open_store
 from infra.errors import BackendUnavailable, DeviceExists, JobNotFound
 from infra.protocols import ModelStore
@@ -35,14 +35,16 @@ _DEVICE_ID = TypeAdapter(DeviceId)
 DeviceOption = Annotated[str, typer.Option("--device-id", help="Device id (as the agent uses).")]
 
 
+_EXPLANATIONS: Explanations = {
+    JobNotFound: lambda e: f"job not found ({e}); create it with `fedq job create`",
+    DeviceExists: lambda e: f"{e}; pass --replace to give it the new key",
+    BackendUnavailable: lambda e: f"cannot reach Redis: {e}",
+}
+
+
 def register(app: typer.Typer) -> None:
     """Add the `device` command group to the `fedq` app."""
     app.add_typer(device_app, name="device")
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg="red")
-    return typer.Exit(1)
 
 
 def _with_store(job: str, redis_url: str, action: Callable[[ModelStore], Awaitable[T]]) -> T:
@@ -57,21 +59,14 @@ def _with_store(job: str, redis_url: str, action: Callable[[ModelStore], Awaitab
         finally:
             await store.close()
 
-    try:
-        return asyncio.run(run())
-    except JobNotFound as exc:
-        raise _fail(f"job not found ({exc}); create it with `fedq job create`") from None
-    except DeviceExists as exc:
-        raise _fail(f"{exc}; pass --replace to give it the new key") from None
-    except BackendUnavailable as exc:
-        raise _fail(f"cannot reach Redis: {exc}") from None
+    return run_command(run(), _EXPLANATIONS)
 
 
 def _device_id(value: str) -> str:
     try:
         return _DEVICE_ID.validate_python(value)
     except ValidationError:
-        raise _fail(f"--device-id {value!r} is not a valid device id") from None
+        raise fail(f"--device-id {value!r} is not a valid device id") from None
 
 
 def _write_private_key(path: Path, private_key: str) -> None:
@@ -79,7 +74,7 @@ def _write_private_key(path: Path, private_key: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise _fail(f"{path} exists already: choose another --out") from None
+        raise fail(f"{path} exists already: choose another --out") from None
     with os.fdopen(fd, "w", encoding="ascii") as file:
         # The umask can only remove bits, but be explicit: a private key is owner-only.
         os.fchmod(file.fileno(), 0o600)
@@ -147,5 +142,5 @@ def device_revoke(
     """Revoke a device: the aggregator refuses its updates from the next one on."""
     device = _device_id(device_id)
     if not _with_store(job, redis_url, lambda store: store.revoke_device(device)):
-        raise _fail(f"device {device} is not registered for job {job}")
+        raise fail(f"device {device} is not registered for job {job}")
     typer.echo(f"device {device} of job {job}: revoked")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import statistics
 from collections import Counter
@@ -15,6 +14,7 @@ import typer
 from pydantic import ValidationError
 
 from fedq import options as opt
+from fedq.console import Explanations, fail, run_command
 from fedq.recording import Recording, RecordingError, read_recording
 from fedq.replay import (
     ReplayError,
@@ -38,34 +38,28 @@ Recording_ = Annotated[
 ]
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg="red")
-    return typer.Exit(1)
+_EXPLANATIONS: Explanations = {
+    JobNotFound: lambda e: f"job not found ({e})",
+    JobExists: lambda e: f"job {e} exists already: replay into a fresh job id",
+    ReplayError: str,
+    RecordingError: str,
+    PublishError: str,
+    BackendUnavailable: lambda e: f"cannot reach RabbitMQ or Redis: {e}",
+    FileExistsError: lambda e: f"{e.filename} exists already: choose another --out",
+}
 
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run a command, turning the errors a user can fix into one-line messages."""
-    try:
-        return asyncio.run(coroutine)
-    except JobNotFound as exc:
-        raise _fail(f"job not found ({exc})") from None
-    except JobExists as exc:
-        raise _fail(f"job {exc} exists already: replay into a fresh job id") from None
-    except (ReplayError, RecordingError, PublishError) as exc:
-        raise _fail(str(exc)) from None
-    except BackendUnavailable as exc:
-        raise _fail(f"cannot reach RabbitMQ or Redis: {exc}") from None
-    except FileExistsError as exc:
-        raise _fail(f"{exc.filename} exists already: choose another --out") from None
+    return run_command(coroutine, _EXPLANATIONS)
 
 
 def _read(path: Path, partial: bool) -> Recording:
     try:
         recording = read_recording(path)
     except (RecordingError, OSError) as exc:
-        raise _fail(f"{path}: {exc}") from None
+        raise fail(f"{path}: {exc}") from None
     if recording.error is not None and not partial:
-        raise _fail(f"{path}: {recording.error} (pass --partial to use the records before it)")
+        raise fail(f"{path}: {recording.error} (pass --partial to use the records before it)")
     return recording
 
 
@@ -101,7 +95,7 @@ def record(
     try:
         position, stop = parse_position(start), until_of(until)
     except ReplayError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
     async def go() -> Any:
         broker = await AmqpBroker.connect(amqp_url)
@@ -173,7 +167,7 @@ def replay(
         try:
             override = StrategyConfig.model_validate_json(json.dumps(fields))
         except ValidationError as exc:
-            raise _fail(str(exc).splitlines()[-1].strip()) from None
+            raise fail(str(exc).splitlines()[-1].strip()) from None
 
     async def go() -> ReplayResult:
         if direct:
@@ -190,7 +184,7 @@ def replay(
     _print_result(result)
     problem = result.mismatch()
     if problem is not None:
-        raise _fail(f"the replay differs from the recorded run: {problem}")
+        raise fail(f"the replay differs from the recorded run: {problem}")
 
 
 def _when(stamp: float | None) -> str:
@@ -261,7 +255,7 @@ def inspect(
         for index in range(len(recording.records)):
             typer.echo(_record_line(recording, index))
     if recording.error is not None:
-        raise _fail(
+        raise fail(
             f"{path}: {recording.error}; the {len(recording.records)} records before it are intact"
         )
 
