@@ -51,15 +51,25 @@ SCAN_BATCH = 500
 # ARGV: config json, meta json, sha256, created_at, stream maxlen, token
 # Returns 1 created, 2 already created by this same call (a client retry), 0 job exists,
 # -2 the temporary model expired before the script ran.
-_CREATE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  local last = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)[1]
-  if last then
-    local fields = last[2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 'token' and fields[i + 1] == ARGV[6] then return 2 end
-    end
+# Whether the newest entry of a versions stream was written by the call holding `token`:
+# a client retry after a lost reply must see its own success, not a conflict.
+_LAST_ENTRY_HAS_TOKEN_LUA = """
+local function last_entry_has_token(stream, token)
+  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  if not last then return false end
+  local fields = last[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'token' and fields[i + 1] == token then return true end
   end
+  return false
+end
+"""
+
+_CREATE_LUA = (
+    _LAST_ENTRY_HAS_TOKEN_LUA
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if last_entry_has_token(KEYS[5], ARGV[6]) then return 2 end
   redis.call('DEL', KEYS[6])
   return 0
 end
@@ -73,6 +83,7 @@ redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*',
   'version', '0', 'sha256', ARGV[3], 'created_at', ARGV[4], 'token', ARGV[6])
 return 1
 """
+)
 
 # KEYS: version, temporary model, model:{v+1}, applied, meta:{v+1}, versions stream,
 #       [model:{v+1-versions_kept}]
@@ -80,22 +91,16 @@ return 1
 #       contributor ids...
 # Returns 1 committed, 2 already committed by this same call (a client retry), 0 conflict,
 # -1 no such job, -2 the temporary model expired before the script ran.
-_COMMIT_LUA = """
+_COMMIT_LUA = (
+    _LAST_ENTRY_HAS_TOKEN_LUA
+    + """
 local current = redis.call('GET', KEYS[1])
 if not current then
   redis.call('DEL', KEYS[2])
   return -1
 end
 if current ~= ARGV[1] then
-  if current == ARGV[2] then
-    local last = redis.call('XREVRANGE', KEYS[6], '+', '-', 'COUNT', 1)[1]
-    if last then
-      local fields = last[2]
-      for i = 1, #fields, 2 do
-        if fields[i] == 'token' and fields[i + 1] == ARGV[6] then return 2 end
-      end
-    end
-  end
+  if current == ARGV[2] and last_entry_has_token(KEYS[6], ARGV[6]) then return 2 end
   redis.call('DEL', KEYS[2])
   return 0
 end
@@ -113,6 +118,7 @@ redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*',
 if KEYS[7] then redis.call('UNLINK', KEYS[7]) end
 return 1
 """
+)
 
 # KEYS: devices hash; ARGV: device id. Returns the device's index, assigning the next one.
 _CLAIM_DEVICE_LUA = """

@@ -93,17 +93,43 @@ def admit_async(*, base_version: int, version: int, max_staleness: int) -> Admis
     return None
 
 
-class WeightedBuffer:
-    """A running weighted sum of deltas with the receipts in it; memory stays O(model)."""
+class ReceiptLedger:
+    """The receipts of the updates in a buffer, in arrival order, each update at most once."""
 
     def __init__(self) -> None:
-        self._sum: dict[str, Tensor] | None = None
-        self._weight = 0.0
         self._receipts: list[Receipt] = []
         self._ids: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._receipts)
+
+    def _check_new(self, receipt: Receipt) -> None:
+        # A redelivered update still in the buffer would otherwise count twice.
+        if receipt.update_id in self._ids:
+            raise ValueError(f"update {receipt.update_id} is already in the buffer")
+
+    def _record(self, receipt: Receipt) -> None:
+        self._receipts.append(receipt)
+        self._ids.add(receipt.update_id)
+
+    def pending(self) -> list[str]:
+        """List the update ids in the buffer, oldest first."""
+        return [r.update_id for r in self._receipts]
+
+    def _forget_receipts(self) -> list[Receipt]:
+        receipts = self._receipts
+        self._receipts = []
+        self._ids = set()
+        return receipts
+
+
+class WeightedBuffer(ReceiptLedger):
+    """A running weighted sum of deltas with the receipts in it; memory stays O(model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sum: dict[str, Tensor] | None = None
+        self._weight = 0.0
 
     def add(
         self,
@@ -113,25 +139,22 @@ class WeightedBuffer:
         factor: float = 1.0,
     ) -> None:
         """Add `weight * factor * delta` to the sum and `weight` to the total weight."""
-        receipt = contribution.receipt
-        # A redelivered update still in the buffer would otherwise count twice.
-        if receipt.update_id in self._ids:
-            raise ValueError(f"update {receipt.update_id} is already in the buffer")
+        self._check_new(contribution.receipt)
         check_keys(model, contribution.delta)
         if self._sum is None:
             self._sum = zeros_like(model)
         accumulate_(self._sum, contribution.delta, weight * factor)
         self._weight += weight
-        self._receipts.append(receipt)
-        self._ids.add(receipt.update_id)
+        self._record(contribution.receipt)
 
     def take_mean(self) -> tuple[dict[str, Tensor], list[Receipt]]:
         """Return sum / total weight and the receipts, and empty the buffer."""
         if self._sum is None or self._weight <= 0:
             raise ValueError("the buffer is empty")
-        mean, receipts = self._sum, self._receipts
+        mean = self._sum
         # The sum is ours and dropped right after, so dividing in place saves a model copy.
         scale_(mean, 1.0 / self._weight)
+        receipts = self._forget_receipts()
         self.clear()
         return mean, receipts
 
@@ -139,13 +162,8 @@ class WeightedBuffer:
         """Return the buffer's reduction (its weighted mean) and receipts, and empty it."""
         return self.take_mean()
 
-    def pending(self) -> list[str]:
-        """List the update ids in the buffer, oldest first."""
-        return [r.update_id for r in self._receipts]
-
     def clear(self) -> None:
         """Drop the sum and the receipts."""
         self._sum = None
         self._weight = 0.0
-        self._receipts = []
-        self._ids = set()
+        self._forget_receipts()

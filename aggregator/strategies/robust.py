@@ -23,7 +23,7 @@ from aggregator.strategies.aggregate import (
     folded_pairs,
     scale_,
 )
-from aggregator.strategies.base import Contribution, Receipt, WeightedBuffer
+from aggregator.strategies.base import Contribution, Receipt, ReceiptLedger, WeightedBuffer
 
 Tensors = Mapping[str, Tensor]
 Aggregation = Literal["mean", "median", "trimmed_mean"]
@@ -116,7 +116,7 @@ def reducer(aggregation: Aggregation, trim_fraction: float) -> Reducer:
     raise ValueError(f"{aggregation!r} is not a robust reducer")
 
 
-class StackedBuffer:
+class StackedBuffer(ReceiptLedger):
     """Keep each buffered delta (staleness- and clip-scaled) and reduce them robustly.
 
     Memory is K x model, against O(model) for `WeightedBuffer`: the median and the trimmed
@@ -124,13 +124,9 @@ class StackedBuffer:
     """
 
     def __init__(self, reduce: Reducer) -> None:
+        super().__init__()
         self._reduce = reduce
         self._deltas: list[dict[str, Tensor]] = []
-        self._receipts: list[Receipt] = []
-        self._ids: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self._receipts)
 
     def add(
         self,
@@ -140,36 +136,28 @@ class StackedBuffer:
         factor: float = 1.0,
     ) -> None:
         """Store `factor * delta` in the accumulation dtype; `weight` is ignored."""
-        receipt = contribution.receipt
-        # A redelivered update still in the buffer would otherwise count twice.
-        if receipt.update_id in self._ids:
-            raise ValueError(f"update {receipt.update_id} is already in the buffer")
+        self._check_new(contribution.receipt)
         check_keys(model, contribution.delta)
         pairs = folded_pairs(model, contribution.delta)
         # A copy, not a view: the caller owns the delta and the factor must not leak into it.
         self._deltas.append(
             {name: d.to(accumulation_dtype(m.dtype)) * factor for name, m, d in pairs}
         )
-        self._receipts.append(receipt)
-        self._ids.add(receipt.update_id)
+        self._record(contribution.receipt)
 
     def take(self) -> tuple[dict[str, Tensor], list[Receipt]]:
         """Return the robust reduction of the buffer and its receipts, and empty it."""
         if not self._deltas:
             raise ValueError("the buffer is empty")
-        reduced, receipts = self._reduce(self._deltas), self._receipts
+        reduced = self._reduce(self._deltas)
+        receipts = self._forget_receipts()
         self.clear()
         return reduced, receipts
-
-    def pending(self) -> list[str]:
-        """List the update ids in the buffer, oldest first."""
-        return [r.update_id for r in self._receipts]
 
     def clear(self) -> None:
         """Drop the deltas and the receipts."""
         self._deltas = []
-        self._receipts = []
-        self._ids = set()
+        self._forget_receipts()
 
 
 def make_buffer(aggregation: Aggregation, trim_fraction: float) -> WeightedBuffer | StackedBuffer:

@@ -480,3 +480,30 @@ async def test_deleting_the_job_forgets_its_devices(store: ModelStore) -> None:
     await store.delete_job()
     assert await store.list_devices() == []
     assert await store.device_key("dev-a") is None
+
+
+async def test_a_retried_commit_whose_reply_was_lost_is_not_a_conflict(job_id: str) -> None:
+    # Arrange: the commit script runs twice with the same token, as when the client retries
+    # after losing the reply to a commit that did apply (Redis-only: the memory store has no
+    # replies to lose)
+    store = RedisModelStore.from_url(REDIS_URL, job_id)
+    try:
+        await create(store)
+        script = store._commit_script
+
+        async def applied_then_retried(**call: object) -> object:
+            await script(**call)  # applied, but its reply never reaches the client
+            return await script(**call)
+
+        store._commit_script = applied_then_retried  # type: ignore[assignment]
+        model = make_model(1.0)
+        meta = make_meta(1, model, contributors=2)
+        # Act: must see its own success, not another aggregator's
+        await store.commit(0, model, meta)
+        # Assert
+        assert await store.current_version() == 1
+        assert await store.applied(meta.contributors) == [True, True]
+        assert await store.get_model(1) == model
+    finally:
+        await store.delete_job()
+        await store.close()
