@@ -8,15 +8,14 @@ import sys
 
 from aggregator.runner import serve
 from aggregator.service import Fenced
+from infra.logs import configure_logging
 from infra.settings import AggregatorSettings
 
 
 def main() -> int:
     """Run the aggregator until SIGTERM; exit 3 when fenced by another aggregator."""
     settings = AggregatorSettings()  # FEDQ_JOB is required: pydantic-settings reads it
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except Fenced as exc:

@@ -87,6 +87,12 @@ class AggregatorMetrics:
             labels,
             registry=registry,
         ).labels(job)
+        self.consuming = Gauge(
+            "fedq_aggregator_consuming",
+            "1 while the aggregator consumes its queue (active, or the single-active standby).",
+            labels,
+            registry=registry,
+        ).labels(job)
         self.fold_seconds = Histogram(
             "fedq_aggregator_fold_seconds",
             "Time to fold one validated update into the model or buffer (strategy.add).",

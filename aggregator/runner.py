@@ -6,6 +6,7 @@ import logging
 
 from prometheus_client import CollectorRegistry
 
+from aggregator.edge_runner import serve_edge
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import Aggregator, AggregatorStats
 from infra.connect import MemoryBackends, open_broker, open_store
@@ -20,6 +21,9 @@ async def serve(
     settings: AggregatorSettings, memory: MemoryBackends | None = None
 ) -> AggregatorStats:
     """Run one aggregator for `settings.job` until SIGTERM/SIGINT, fencing, or idle drain."""
+    if settings.upstream is not None:
+        # Edge mode: this job's updates go upstream in partial updates; nothing commits here.
+        return await serve_edge(settings, memory)
     registry = CollectorRegistry()
     broker = await open_broker(settings, memory)
     store = open_store(settings, settings.job, memory)

@@ -26,17 +26,22 @@ from aggregator.validation import (
     check_signature,
     check_signed,
     check_sizes,
+    check_user,
     parse_header,
 )
 from infra.errors import BackendUnavailable, VersionConflict
+from infra.logs import bind, log_context
 from infra.protocols import Broker, Delivery, ModelStore
 from infra.retry import retry_unavailable
 from schemas import JobConfig, Rejection, RejectReason, UpdateHeader, VersionMeta
-from schemas.codec import decode, decode_validated, encode, sha256_hex
+from schemas.codec import decode, decode_validated, encode_buffer, sha256_hex
+from schemas.safetensors_format import ByteBuffer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Model = dict[str, torch.Tensor]
+# Where a validated update goes instead of the strategy (edge mode, aggregator/edge.py).
+UpdateSink = Callable[[UpdateHeader, Delivery, Contribution], Awaitable[None]]
 _BASE_CACHE_SIZE = 3
 
 
@@ -73,6 +78,7 @@ class Aggregator:
         idle_timeout: float | None = None,
         retry_seconds: float = 1.0,
         metrics: AggregatorMetrics | None = None,
+        sink: UpdateSink | None = None,
     ) -> None:
         self.job = job
         self.broker = broker
@@ -87,11 +93,14 @@ class Aggregator:
         self._prefetch = prefetch
         self._idle_timeout = idle_timeout
         self._retry_seconds = retry_seconds
+        # With a sink, the sink settles each validated update; this aggregator commits nothing.
+        self._sink = sink
         self._stopping = asyncio.Event()
         self._pending: dict[str, Delivery] = {}
         self._pending_bytes: dict[str, int] = {}
         self._base_cache: dict[int, Model] = {}
         self.metrics.buffered.set_function(lambda: len(self._pending))
+        self.metrics.consuming.set_function(lambda: float(self.consuming))
         self.config: JobConfig
         self.strategy: Strategy
         self.model: Model
@@ -184,14 +193,24 @@ class Aggregator:
         self.stats.received += 1
         self.metrics.received.inc()
         self.metrics.received_bytes.inc(len(delivery.body))
-        try:
-            await self._catch_up()
-            await self._fold(delivery)
-        except Rejection as rejection:
-            await self._dead_letter(delivery, rejection)
+        # Until the header is validated, the raw message id and device id are all there is.
+        device = delivery.headers.get("device_id")
+        with log_context(
+            job=self.job,
+            version=self.version,
+            update_id=delivery.message_id,
+            device_id=device if isinstance(device, str) else None,
+        ):
+            try:
+                await self._catch_up()
+                await self._fold(delivery)
+            except Rejection as rejection:
+                await self._dead_letter(delivery, rejection)
 
     async def _fold(self, delivery: Delivery) -> None:
         header = parse_header(delivery.headers, self.job)
+        bind(version=self.version, update_id=header.update_id, device_id=header.device_id)
+        check_user(header, delivery.user_id, self.config)
         await self._authenticate(header)
         if await self._is_duplicate(header.update_id, delivery):
             return
@@ -207,9 +226,16 @@ class Aggregator:
         payload = delivery.body if header.payload == "inline" else await self._blob(header)
         check_payload(header, payload)
         tensors = await asyncio.to_thread(
-            decode_validated, payload, self.config.model_schema, header.codec
+            decode_validated,
+            payload,
+            self.config.model_schema,
+            header.codec,
+            partial=header.keys == "partial",
         )
         contribution = await self._contribution(header, tensors)
+        if self._sink is not None:
+            await self._sink(header, delivery, contribution)
+            return
         if self.strategy.needs_base_model and self.version not in self._base_cache:
             # `add` changes the model in place; later stale updates still need this version.
             self._remember_base(self.version, {k: v.clone() for k, v in self.model.items()})
@@ -254,8 +280,10 @@ class Aggregator:
             return True
         return False
 
-    async def _blob(self, header: UpdateHeader) -> bytes:
-        blob = await self._retry(lambda: self.store.get_blob(header.update_id))
+    async def _blob(self, header: UpdateHeader) -> ByteBuffer:
+        blob = await self._retry(
+            lambda: self.store.get_blob(header.device_id, header.update_id)
+        )
         if blob is None:
             raise Rejection(RejectReason.BLOB_MISSING, f"no claim-check blob {header.update_id}")
         self.metrics.received_bytes.inc(len(blob))
@@ -277,7 +305,11 @@ class Aggregator:
             num_samples=header.num_samples,
         )
         return Contribution(
-            receipt=receipt, base_version=header.base_version, delta=delta, base_model=base
+            receipt=receipt,
+            base_version=header.base_version,
+            delta=delta,
+            base_model=base,
+            partial=header.keys == "partial",
         )
 
     async def _base_model(self, version: int) -> Model:
@@ -300,7 +332,8 @@ class Aggregator:
             del self._base_cache[old]
 
     async def _commit(self, receipts: list[Receipt]) -> None:
-        model_bytes = await asyncio.to_thread(encode, self.model)
+        # One bytearray, written in one pass: no second copy of a big model on the way out.
+        model_bytes = await asyncio.to_thread(encode_buffer, self.model)
         new_version = self.version + 1
         meta = VersionMeta(
             version=new_version,
@@ -324,18 +357,21 @@ class Aggregator:
         self.stats.applied += len(receipts)
         self.stats.staleness_total += sum(meta.staleness)
         self._count_commit(meta)
+        bind(version=new_version)
         log.info(
             "committed version %d of job %s from %d updates (staleness %s)",
             new_version,
             self.job,
             len(receipts),
             meta.staleness,
+            extra={"contributors": meta.contributors, "staleness": meta.staleness},
         )
         for receipt in receipts:
             delivery = self._pending.pop(receipt.update_id)
             self._pending_bytes.pop(receipt.update_id, None)
             await _settle(delivery.ack())
-        await self._retry(lambda: self.store.delete_blobs(meta.contributors))
+        blobs = list(zip(meta.devices, meta.contributors, strict=True))
+        await self._retry(lambda: self.store.delete_blobs(blobs))
         await self.broker.announce_version(self.job, new_version)
 
     def _count_commit(self, meta: VersionMeta) -> None:
@@ -350,7 +386,13 @@ class Aggregator:
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
         self.metrics.dead_lettered(reason)
         log.warning(
-            "dead-lettering message %s of job %s: %s", delivery.message_id, self.job, rejection
+            "dead-lettering message %s of job %s: %s",
+            delivery.message_id,
+            self.job,
+            # A string, not the exception: a handler that keeps records (a buffer, pytest's
+            # capture) would keep its traceback's frames, and with them the message body.
+            str(rejection),
+            extra={"reason": reason},
         )
         # Like an ack, a failed dead-lettering only costs a redelivery (and a second verdict).
         await _settle(delivery.dead_letter(reason, rejection.detail))

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from schemas import JobConfig, Rejection, RejectReason, UpdateHeader
 from schemas.codec import sha256_hex
+from schemas.safetensors_format import ByteBuffer
 from schemas.signing import verify
 
 # Headers added by the broker (x-delivery-count on quorum queues, x-death) or by our own
@@ -51,7 +52,7 @@ def check_sizes(header: UpdateHeader, body: bytes, config: JobConfig) -> None:
         )
 
 
-def check_payload(header: UpdateHeader, payload: bytes) -> None:
+def check_payload(header: UpdateHeader, payload: ByteBuffer) -> None:
     """Check the payload (inline body or fetched blob) against the header's size and hash."""
     if len(payload) != header.payload_bytes:
         raise Rejection(
@@ -83,6 +84,19 @@ def check_signature(header: UpdateHeader, public_key: str | None) -> None:
         raise Rejection(
             RejectReason.BAD_SIGNATURE,
             f"signature does not verify with the key of device {header.device_id}",
+        )
+
+
+def check_user(header: UpdateHeader, user_id: str | None, config: JobConfig) -> None:
+    """Refuse an update whose device id is not the broker user that published it.
+
+    `user_id` is the AMQP user_id property, which RabbitMQ refuses unless it equals the
+    publishing connection's user: the device id is then vouched for by the broker itself.
+    """
+    if config.bind_device_users and user_id != header.device_id:
+        raise Rejection(
+            RejectReason.USER_MISMATCH,
+            f"device {header.device_id} published as broker user {user_id!r}",
         )
 
 

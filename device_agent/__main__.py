@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 
 import torch
 
 from device_agent.runner import serve_agent, serve_evaluator
+from infra.logs import configure_logging
 from infra.settings import AgentSettings
 
 
 def main() -> int:
     """Run one training device (FEDQ_ROLE=agent) or the evaluator until SIGTERM."""
     settings = AgentSettings()  # FEDQ_JOB is required: pydantic-settings reads it
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     # One agent per container: a single intra-op thread keeps replicas from oversubscribing.
     torch.set_num_threads(1)
     serve = serve_evaluator if settings.role == "evaluator" else serve_agent

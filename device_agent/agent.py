@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -16,12 +16,14 @@ from device_agent.partition import device_shard
 from device_agent.sender import build_update, send_update
 from device_agent.tasks import get_task
 from device_agent.training import train_local
+from infra.logs import bind, log_context
 from infra.protocols import Broker, ModelStore
 from infra.retry import retry_unavailable
 from schemas import JobConfig
 from schemas.codec import decode
 from schemas.compression import error_feedback, topk_fraction
 from schemas.messages import Codec
+from schemas.safetensors_format import ByteBuffer
 from schemas.signing import public_key_of
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,15 @@ class DeviceAgent:
         retry_seconds: float = 1.0,
         metrics: AgentMetrics | None = None,
         signing_key: str | None = None,
+        trainable_only: bool = False,
+        send_keys: Sequence[str] | None = None,
     ) -> None:
         self.device_id = device_id
+        # Partial updates: send only the parameters that train (a frozen backbone stays
+        # out), or only `send_keys`, freezing every other parameter.
+        self._trainable_only = trainable_only
+        self._send_keys = None if send_keys is None else frozenset(send_keys)
+        self.sent_keys: frozenset[str] | None = None
         # Base64 Ed25519 private key; every update is signed with it when given.
         self._signing_key = signing_key
         self.broker = broker
@@ -94,6 +103,7 @@ class DeviceAgent:
         index = torch.as_tensor(shard, dtype=torch.long)
         self.x, self.y = data.x_train[index], data.y_train[index]
         self.model = task.build_model(training.seed)
+        self.sent_keys = self._choose_keys()
         await self._check_registration()
         log.info(
             "device %s (index %d of %d) joins job %s with %d samples",
@@ -107,6 +117,23 @@ class DeviceAgent:
 
     async def __aexit__(self, *exc_info: object) -> None:
         return None
+
+    def _choose_keys(self) -> frozenset[str] | None:
+        """Return the keys each update carries, None for all of them (a full update)."""
+        if self._send_keys is None and not self._trainable_only:
+            return None
+        if self._send_keys is not None:
+            unknown = self._send_keys - self.config.model_schema.keys()
+            if unknown:
+                raise ValueError(f"keys not in the job's model: {sorted(unknown)[:5]}")
+            for name, parameter in self.model.named_parameters():
+                parameter.requires_grad_(name in self._send_keys)
+            keys = self._send_keys
+        else:
+            keys = frozenset(n for n, p in self.model.named_parameters() if p.requires_grad)
+        if not keys:
+            raise ValueError("no parameter to send: every one is frozen")
+        return keys
 
     async def _check_registration(self) -> None:
         """Warn early if the aggregator would refuse this device's signed updates."""
@@ -147,8 +174,14 @@ class DeviceAgent:
     async def _wait_for_version_after(self, version: int) -> None:
         await self._retry(lambda: self.store.wait_for_version(version, 1.0))
 
-    async def train_and_publish(self, version: int, model_bytes: bytes) -> None:
+    async def train_and_publish(self, version: int, model_bytes: ByteBuffer) -> None:
         """Run one local round from `version` and publish its delta."""
+        with log_context(
+            job=self.config.job, version=version, update_id=None, device_id=self.device_id
+        ):
+            await self._train_and_publish(version, model_bytes)
+
+    async def _train_and_publish(self, version: int, model_bytes: ByteBuffer) -> None:
         self.metrics.last_version.set(version)
         start = await asyncio.to_thread(decode, model_bytes)
         self.model.load_state_dict(start)
@@ -174,7 +207,12 @@ class DeviceAgent:
         if self.slowdown > 1.0:
             await asyncio.sleep((self.slowdown - 1.0) * result.seconds)
         trained = self.model.state_dict()
-        delta = {name: trained[name].detach() - start[name] for name in start}
+        keys = self.sent_keys
+        delta = {
+            name: trained[name].detach() - start[name]
+            for name in start
+            if keys is None or name in keys
+        }
         if topk_fraction(self.codec) is not None:
             delta, self._residual = await asyncio.to_thread(
                 error_feedback, delta, self._residual, self.codec
@@ -188,7 +226,9 @@ class DeviceAgent:
             train_metrics={"loss": result.loss, "accuracy": result.accuracy},
             codec=self.codec,
             signing_key=self._signing_key,
+            keys="all" if keys is None else "partial",
         )
+        bind(update_id=header.update_id)
         with self.metrics.publish_seconds.time():
             await self._retry(
                 lambda: send_update(self.broker, self.store, self.config, header, payload)

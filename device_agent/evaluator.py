@@ -59,6 +59,7 @@ class Evaluator:
                     config.job,
                     metrics["accuracy"],
                     metrics["loss"],
+                    extra={"job": config.job, "version": version},
                 )
             done = max(done, current)
         return self.evaluated

@@ -69,6 +69,8 @@ async def serve_agent(settings: AgentSettings, memory: MemoryBackends | None = N
                 codec=settings.codec,
                 metrics=AgentMetrics(registry, settings.job, device_id),
                 signing_key=signing_key,
+                trainable_only=settings.trainable_only,
+                send_keys=[k for k in settings.send_keys.split(",") if k] or None,
             ) as agent,
         ):
             with stop_on_signals(agent.stop, enabled=memory is None):

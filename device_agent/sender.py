@@ -10,8 +10,9 @@ import torch
 
 from infra.protocols import Broker, ModelStore
 from schemas import JobConfig, UpdateHeader
-from schemas.codec import encode, sha256_hex
-from schemas.messages import Codec
+from schemas.codec import encode_buffer, sha256_hex
+from schemas.messages import Codec, UpdateKeys
+from schemas.safetensors_format import ByteBuffer
 from schemas.signing import sign
 
 
@@ -25,12 +26,14 @@ def build_update(
     train_metrics: Mapping[str, float],
     codec: Codec = "none",
     signing_key: str | None = None,
-) -> tuple[UpdateHeader, bytes]:
+    keys: UpdateKeys = "all",
+) -> tuple[UpdateHeader, ByteBuffer]:
     """Encode a delta and describe it in a header, signed with `signing_key` if given.
 
     The update id is minted here, once; the signature covers the payload through its hash.
+    `keys="partial"` says the delta holds only some of the model's keys (its trainable ones).
     """
-    payload = encode(delta, codec)
+    payload = encode_buffer(delta, codec)
     header = UpdateHeader(
         job=config.job,
         update_id=str(uuid.uuid4()),
@@ -38,6 +41,7 @@ def build_update(
         base_version=base_version,
         num_samples=num_samples,
         kind="delta",
+        keys=keys,
         codec=codec,
         payload="blob" if len(payload) > config.inline_limit_bytes else "inline",
         payload_sha256=sha256_hex(payload),
@@ -51,7 +55,11 @@ def build_update(
 
 
 async def send_update(
-    broker: Broker, store: ModelStore, config: JobConfig, header: UpdateHeader, payload: bytes
+    broker: Broker,
+    store: ModelStore,
+    config: JobConfig,
+    header: UpdateHeader,
+    payload: ByteBuffer,
 ) -> None:
     """Publish an update; over the inline limit the bytes go to Redis first (claim-check).
 
@@ -59,7 +67,10 @@ async def send_update(
     the same bytes and the aggregator applies one update id at most once.
     """
     if header.payload == "blob":
-        await store.put_blob(header.update_id, payload, config.blob_ttl_seconds)
+        await store.put_blob(
+            header.device_id, header.update_id, payload, config.blob_ttl_seconds
+        )
         await broker.publish(header, b"")
     else:
-        await broker.publish(header, payload)
+        # Inline payloads are small (under the job's inline limit): the copy is cheap.
+        await broker.publish(header, bytes(payload))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sys
 import time
 from collections.abc import Coroutine
@@ -15,8 +14,8 @@ import torch
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
 
+from aggregator.mirror import EdgeMismatch
 from aggregator.runner import serve as serve_aggregator
 from aggregator.service import Fenced
 from device_agent.runner import serve_agent, serve_evaluator
@@ -27,8 +26,11 @@ from fedq.console import Explanations, fail, run_command
 from fedq.jobs import create_job, initial_job, job_status
 from fedq.simulate import SimulationSpec
 from fedq.speeds import parse_speed_profile
+from fedq.status_view import print_status, progress_line
 from infra.connect import open_broker, open_store
 from infra.errors import BackendUnavailable, JobExists, JobNotFound
+from infra.logs import configure_logging
+from infra.redis_client import InvalidRedisUrl
 from infra.settings import (
     DEFAULT_AMQP_URL,
     DEFAULT_REDIS_URL,
@@ -72,6 +74,8 @@ _EXPLANATIONS: Explanations = {
     Fenced: lambda e: f"fenced by another aggregator: {e}",
     ValidationError: lambda e: str(e).splitlines()[0] + ": " + str(e).splitlines()[-1],
     InvalidKey: lambda e: f"the device key file is not a valid key: {e}",
+    EdgeMismatch: lambda e: f"edge job refused: {e}",
+    InvalidRedisUrl: lambda e: f"bad Redis URL: {e}",
 }
 
 
@@ -79,10 +83,8 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     return run_command(coroutine, _EXPLANATIONS)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def _logging(level: str, fmt: str = "text") -> None:
+    configure_logging(level, fmt)
 
 
 @job_app.command("create")
@@ -129,6 +131,12 @@ def job_create(
         float | None,
         typer.Option(min=0.001, help="Refuse updates sent more than this many seconds ago."),
     ] = None,
+    device_users: Annotated[
+        bool,
+        typer.Option(
+            help="Refuse updates whose device id is not the RabbitMQ user that published them."
+        ),
+    ] = False,
     amqp_url: opt.AmqpUrl = DEFAULT_AMQP_URL,
     redis_url: opt.RedisUrl = DEFAULT_REDIS_URL,
 ) -> None:
@@ -168,6 +176,7 @@ def job_create(
             training,
             require_signatures=require_signatures,
             max_update_age_seconds=max_update_age,
+            bind_device_users=device_users,
         )
         broker = await open_broker(settings)
         store = open_store(settings, job)
@@ -219,18 +228,54 @@ def aggregator(
         float | None,
         typer.Option(min=0.0, help="Drain mode: exit after this many seconds with no update."),
     ] = None,
+    upstream: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FEDQ_UPSTREAM",
+            help="Edge mode: forward partial updates (K of this job's at a time) to this root"
+            " job, and mirror its model here.",
+        ),
+    ] = None,
+    device_id: Annotated[
+        str,
+        typer.Option(
+            envvar="FEDQ_DEVICE_ID", help="Edge mode: the device id upstream (default edge-JOB)."
+        ),
+    ] = "",
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FEDQ_DEVICE_KEY_FILE",
+            exists=True,
+            dir_okay=False,
+            help="Edge mode: the edge's private key at the root job: sign every partial update.",
+        ),
+    ] = None,
+    flush_seconds: Annotated[
+        float,
+        typer.Option(
+            min=0.01,
+            envvar="FEDQ_EDGE_FLUSH_SECONDS",
+            help="Edge mode: forward a group that waited this long, even < K.",
+        ),
+    ] = 10.0,
     amqp_url: opt.AmqpUrl = DEFAULT_AMQP_URL,
     redis_url: opt.RedisUrl = DEFAULT_REDIS_URL,
     log_level: opt.LogLevel = "INFO",
+    log_format: opt.LogFormatOption = "text",
 ) -> None:
-    """Run the aggregator of a job until SIGTERM (same as `python -m aggregator`)."""
-    _logging(log_level)
+    """Run a job's aggregator until SIGTERM (as `python -m aggregator`); --upstream: an edge."""
+    _logging(log_level, log_format)
     settings = AggregatorSettings(
         job=job,
         amqp_url=amqp_url,
         redis_url=redis_url,
         prefetch=prefetch,
         idle_exit_seconds=idle_exit,
+        upstream=upstream,
+        device_id=device_id,
+        device_key_file=key_file,
+        edge_flush_seconds=flush_seconds,
     )
     _run(serve_aggregator(settings))
 
@@ -264,12 +309,23 @@ def agent(
             help="The device's private key (from `fedq device add`): sign every update.",
         ),
     ] = None,
+    trainable_only: Annotated[
+        bool,
+        typer.Option(help="Send a partial update: only the parameters with requires_grad."),
+    ] = False,
+    send_keys: Annotated[
+        str,
+        typer.Option(
+            "--keys", help="Send only these comma-separated keys; every other one is frozen."
+        ),
+    ] = "",
     amqp_url: opt.AmqpUrl = DEFAULT_AMQP_URL,
     redis_url: opt.RedisUrl = DEFAULT_REDIS_URL,
     log_level: opt.LogLevel = "INFO",
+    log_format: opt.LogFormatOption = "text",
 ) -> None:
     """Run one device: fetch the latest model, train on the local shard, publish, repeat."""
-    _logging(log_level)
+    _logging(log_level, log_format)
     torch.set_num_threads(1)
     settings = AgentSettings(
         job=job,
@@ -280,6 +336,8 @@ def agent(
         slowdown=slowdown,
         codec=codec,
         device_key_file=key_file,
+        trainable_only=trainable_only,
+        send_keys=send_keys,
         amqp_url=amqp_url,
         redis_url=redis_url,
     )
@@ -296,9 +354,10 @@ def evaluator(
     amqp_url: opt.AmqpUrl = DEFAULT_AMQP_URL,
     redis_url: opt.RedisUrl = DEFAULT_REDIS_URL,
     log_level: opt.LogLevel = "INFO",
+    log_format: opt.LogFormatOption = "text",
 ) -> None:
     """Evaluate every new global version on the held-out split and record its accuracy."""
-    _logging(log_level)
+    _logging(log_level, log_format)
     torch.set_num_threads(1)
     settings = AgentSettings(
         job=job,
@@ -324,12 +383,13 @@ def status(
     amqp_url: opt.AmqpUrl = DEFAULT_AMQP_URL,
     redis_url: opt.RedisUrl = DEFAULT_REDIS_URL,
 ) -> None:
-    """Show a job's version, latest accuracy, applied and dead-lettered updates, queue depth."""
+    """Show a job's version and rate, accuracy, dead letters, queue, and devices' staleness."""
     settings = ConnectionSettings(amqp_url=amqp_url, redis_url=redis_url)
 
     async def read() -> dict[str, Any]:
-        broker = await open_broker(settings)
+        # The store first: a bad Redis URL fails here before a broker connection is left open.
         store = open_store(settings, job)
+        broker = await open_broker(settings)
         try:
             return await job_status(store, broker)
         finally:
@@ -343,30 +403,24 @@ def status(
     if as_json:
         typer.echo(json.dumps(summary))
         return
-    table = Table(title=f"fedq job {job}", show_header=False)
-    for key, value in summary.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
-    Console().print(table)
+    print_status(summary, Console() if sys.stdout.isatty() else Console(width=120))
 
 
 async def _watch(
     settings: ConnectionSettings, job: str, interval: float, duration: float | None
 ) -> None:
-    """Print one progress line per interval: version, accuracy, applied and rejected counts."""
+    """Print one progress line per interval: version, rate, accuracy, counts, queue."""
     store = open_store(settings, job)
+    broker = await open_broker(settings)
     started = time.monotonic()
     try:
         while duration is None or time.monotonic() - started < duration:
-            s = await job_status(store)
-            accuracy = "  n/a" if s["accuracy"] is None else f"{s['accuracy']:.3f}"
-            typer.echo(
-                f"{time.monotonic() - started:6.0f}s  version {s['version']:4d}  "
-                f"accuracy {accuracy} (v{s['evaluated_version']})  "
-                f"applied {s['applied_updates']:5d}  dead-lettered {s['dead_lettered']}"
-            )
+            summary = await job_status(store, broker)
+            typer.echo(progress_line(summary, time.monotonic() - started))
             await asyncio.sleep(interval)
     finally:
         await store.close()
+        await broker.close()
 
 
 def _strategy_list(value: str) -> list[str]:

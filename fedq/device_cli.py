@@ -14,6 +14,7 @@ from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from fedq import access_cli
 from fedq import options as opt
 from fedq.console import Explanations, fail, run_command
 from infra.connect import open_store
@@ -26,7 +27,7 @@ from schemas.signing import generate_key_pair
 T = TypeVar("T")
 
 device_app = typer.Typer(
-    help="Register, list and revoke the signing keys of a job's devices.",
+    help="Register, list and revoke the signing keys of a job's devices; make their users.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -44,6 +45,7 @@ _EXPLANATIONS: Explanations = {
 
 def register(app: typer.Typer) -> None:
     """Add the `device` command group to the `fedq` app."""
+    access_cli.register(device_app)
     app.add_typer(device_app, name="device")
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 import typer
 
 from device_agent.tasks import TASKS
+from infra.logs import parse_log_format
 from schemas import StalenessConfig, StrategyConfig, TrainingConfig
 
 STRATEGY = StrategyConfig()
@@ -34,6 +35,24 @@ RedisUrl = Annotated[
     str, typer.Option(envvar="FEDQ_REDIS_URL", help="Redis URL (redis:// or rediss://).")
 ]
 LogLevel = Annotated[str, typer.Option(envvar="FEDQ_LOG_LEVEL", help="Logging level.")]
+
+
+def _log_format(value: str) -> str:
+    try:
+        return parse_log_format(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+LogFormatOption = Annotated[
+    str,
+    typer.Option(
+        "--log-format",
+        envvar="FEDQ_LOG_FORMAT",
+        callback=_log_format,
+        help="Log lines as readable text or json (one object per line).",
+    ),
+]
 Task = Annotated[str, typer.Option(callback=_task_name, help=f"Task: {', '.join(sorted(TASKS))}.")]
 Strategy = Annotated[
     StrategyName,

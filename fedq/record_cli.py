@@ -120,6 +120,9 @@ def record(
 def _print_result(result: ReplayResult) -> None:
     label = "counterfactual replay" if result.counterfactual else "replay"
     typer.echo(f"{label} into job {result.job}: {result.published} updates published")
+    if result.refused:
+        held = ", ".join(f"{count} {reason}" for reason, count in sorted(result.refused.items()))
+        typer.echo(f"  held back, as the original job refused their signature: {held}")
     expected = {meta.version: meta.sha256 for meta in result.expected}
     for meta in result.versions:
         original = expected.get(meta.version)

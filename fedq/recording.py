@@ -13,18 +13,21 @@ import base64
 import json
 import struct
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Self
 
+from infra.protocols import DeviceRecord
 from schemas import JobConfig, VersionMeta
 
 MAGIC = b"FEDQLOG"
 FORMAT_VERSION = 1
 MAGIC_LINE = MAGIC + b" %d\n" % FORMAT_VERSION
-KINDS = ("job", "initial_model", "update", "version")
+# "devices" (a signed job's registry) comes last, so a reader that predates it still gets
+# every update and version before stopping there.
+KINDS = ("job", "initial_model", "update", "version", "devices")
 # A header is a few hundred bytes; a bigger length prefix means a corrupt file, and
 # refusing it early avoids allocating whatever a flipped bit asks for.
 MAX_HEADER_BYTES = 1 << 20
@@ -75,6 +78,7 @@ class Recording:
     source: dict[str, Any]
     updates: list[RecordedUpdate] = field(default_factory=list)
     versions: list[VersionMeta] = field(default_factory=list)
+    devices: list[DeviceRecord] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
     error: RecordingError | None = None
 
@@ -168,6 +172,14 @@ class RecordingWriter:
         """Append the metadata of a version the original run committed (for checks)."""
         self._write({"kind": "version", "version": meta.version}, meta.model_dump_json().encode())
 
+    def add_devices(self, devices: Sequence[DeviceRecord]) -> None:
+        """Append the job's device registry: public keys and revocations, nothing secret."""
+        entries = [
+            {"device_id": d.device_id, "public_key": d.public_key, "revoked": d.revoked}
+            for d in devices
+        ]
+        self._write({"kind": "devices", "count": len(entries)}, json.dumps(entries).encode())
+
     def _write(self, header: Mapping[str, Any], body: bytes) -> None:
         self._file.write(_frame(header, body))
         self.next_index += 1
@@ -249,11 +261,24 @@ def _update_of(record: Record) -> RecordedUpdate:
     )
 
 
+def _devices_of(record: Record) -> list[DeviceRecord]:
+    entries = json.loads(record.body)
+    try:
+        return [
+            DeviceRecord(str(e["device_id"]), str(e["public_key"]), e["revoked"] is True)
+            for e in entries
+        ]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"a device entry is not an object with its fields ({exc})") from None
+
+
 def _apply(recording: Recording, record: Record) -> None:
     if record.kind == "update":
         recording.updates.append(_update_of(record))
     elif record.kind == "version":
         recording.versions.append(VersionMeta.model_validate_json(record.body))
+    elif record.kind == "devices" and not recording.devices:
+        recording.devices = _devices_of(record)
     else:
         raise RecordingError(record.index, record.offset, f"a second {record.kind} record")
 

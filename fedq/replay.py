@@ -21,7 +21,8 @@ from typing import Any, Protocol
 from aggregator.service import Aggregator, AggregatorStats
 from device_agent.tasks import TASKS
 from fedq.jobs import initial_job
-from fedq.recording import Recording, RecordingWriter
+from fedq.recording import RecordedUpdate, Recording, RecordingWriter
+from fedq.replay_auth import admitted_updates, copy_registry, replayable
 from infra.amqp_broker import LoggedMessage, StreamStart
 from infra.memory_broker import MemoryBroker
 from infra.memory_store import MemoryModelStore, MemoryStoreHub
@@ -103,7 +104,8 @@ async def _initial_model(store: ModelStore, config: JobConfig) -> bytes:
     meta = await store.get_meta(0)
     model = await store.get_model(0)
     if model is not None:
-        return model
+        # A big model arrives as a bytearray; bytes() of bytes is the same object, no copy.
+        return bytes(model)
     if meta is not None and config.task in TASKS:
         _, rebuilt, _ = initial_job(config.job, config.task, config.strategy, config.training)
         if sha256_hex(rebuilt) == meta.sha256:
@@ -144,6 +146,10 @@ async def record_job(
             await _copy_stream(
                 broker, store, writer, summary, start, until or Until(), idle_timeout
             )
+            devices = await store.list_devices()
+            if devices:
+                # A signed job's replay checks the signatures against this registry.
+                writer.add_devices(devices)
     except BaseException:
         # A half-written recording would look like a short run: leave no file instead.
         out.unlink(missing_ok=True)  # noqa: ASYNC240 - one small local call, on failure only
@@ -195,7 +201,9 @@ def replay_config(
 ) -> JobConfig:
     """Return the recorded config for a fresh job, with the strategy overridden if given."""
     data: dict[str, Any] = json.loads(recording.config.model_dump_json())
-    data.update(job=job, created_at=time.time())
+    # The replayer republishes every update as its own broker user: the devices' users were
+    # checked when the updates were first folded, and cannot be checked again here.
+    data.update(job=job, created_at=time.time(), bind_device_users=False)
     if strategy is not None:
         data["strategy"] = json.loads(strategy.model_dump_json())
     return JobConfig.model_validate_json(json.dumps(data))
@@ -211,6 +219,8 @@ class ReplayResult:
     versions: list[VersionMeta]
     expected: list[VersionMeta]
     stats: AggregatorStats = field(default_factory=AggregatorStats)
+    # Updates not republished because the original job refused their signature, by reason.
+    refused: dict[str, int] = field(default_factory=dict)
 
     def mismatch(self) -> str | None:
         """Say where the versions differ from the recorded ones (None when they agree)."""
@@ -225,12 +235,14 @@ class ReplayResult:
         return None
 
 
-async def _publish_all(recording: Recording, broker: Broker, job: str, speed: float | None) -> int:
-    """Republish every recorded update to `job`, paced by `speed` x original timing if given."""
+async def _publish_all(
+    updates: Sequence[RecordedUpdate], broker: Broker, job: str, speed: float | None
+) -> int:
+    """Republish the recorded updates to `job`, paced by `speed` x original timing if given."""
     loop = asyncio.get_running_loop()
     began = loop.time()
     first: float | None = None
-    for update in recording.updates:
+    for update in updates:
         if speed is not None and update.timestamp is not None:
             first = update.timestamp if first is None else first
             delay = (update.timestamp - first) / speed - (loop.time() - began)
@@ -238,7 +250,7 @@ async def _publish_all(recording: Recording, broker: Broker, job: str, speed: fl
                 await asyncio.sleep(delay)
         headers = {**update.headers, "job": job}
         await broker.publish_raw(job, update.body, headers=headers, message_id=update.message_id)
-    return len(recording.updates)
+    return len(updates)
 
 
 async def _until_received(aggregator: Aggregator, task: asyncio.Task[Any], count: int) -> None:
@@ -259,7 +271,8 @@ async def replay_recording(
 ) -> ReplayResult:
     """Create `store.job` from the recording, republish its updates and aggregate them."""
     job = store.job
-    config = replay_config(recording, job, strategy)
+    admitted = admitted_updates(recording)
+    config = replayable(replay_config(recording, job, strategy))
     model = recording.initial_model
     meta = VersionMeta(
         version=0, created_at=time.time(), sha256=sha256_hex(model), model_bytes=len(model)
@@ -267,11 +280,12 @@ async def replay_recording(
     # With its own log stream, a replay can be recorded in turn.
     await broker.declare_job(job, log_stream=True)
     await store.create_job(config, model, meta)
+    await copy_registry(recording.devices, store)
     async with Aggregator(job=job, broker=broker, store=store, retry_seconds=0.2) as aggregator:
         task = asyncio.create_task(aggregator.run())
         try:
             async with asyncio.timeout(timeout):
-                published = await _publish_all(recording, broker, job, speed)
+                published = await _publish_all(admitted.updates, broker, job, speed)
                 await _until_received(aggregator, task, published)
         finally:
             aggregator.stop()
@@ -279,7 +293,7 @@ async def replay_recording(
     versions = await _versions(store)
     counterfactual = strategy is not None and strategy != recording.config.strategy
     expected = [] if counterfactual else recording.versions
-    return ReplayResult(job, counterfactual, published, versions, expected, stats)
+    return ReplayResult(job, counterfactual, published, versions, expected, stats, admitted.refused)
 
 
 async def _versions(store: ModelStore) -> list[VersionMeta]:

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -28,7 +29,7 @@ from pamqp import encode as amqp_encode
 from pamqp.commands import Basic
 
 from infra import keys
-from infra.errors import BackendUnavailable, JobNotFound, PublishError
+from infra.errors import AccessDenied, BackendUnavailable, JobNotFound, PublishError
 from infra.protocols import DETAIL_HEADER, REASON_HEADER, DeadLetter, Delivery
 from schemas import UpdateHeader
 
@@ -159,6 +160,14 @@ def _backend_errors(what: str) -> Iterator[None]:
     """Turn a lost link into BackendUnavailable, so callers never see aio-pika errors."""
     try:
         yield
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        raise AccessDenied(f"{what}: the broker user lacks the permission: {exc}") from exc
+    except (
+        aiormq.exceptions.AuthenticationError,
+        aiormq.exceptions.ProbableAuthenticationError,
+    ) as exc:
+        # Before the link errors it subclasses: a wrong password is not worth retrying.
+        raise AccessDenied(f"{what}: the broker refused the login: {exc!r}") from exc
     except _LINK_ERRORS as exc:
         raise BackendUnavailable(f"{what}: {exc!r}") from exc
 
@@ -177,10 +186,14 @@ class AmqpBroker:
         connection: AbstractRobustConnection,
         channel: AbstractRobustChannel,
         publish_timeout: float,
+        user_id: str = "guest",
     ) -> None:
         self._connection = connection
         self._channel = channel
         self.publish_timeout = publish_timeout
+        # The connection's user: RabbitMQ refuses a message whose user_id property differs,
+        # so a consumer can trust the user_id of every update published through `publish`.
+        self.user_id = user_id
         self._closed = False
         self._consumers: weakref.WeakSet[AmqpConsumer] = weakref.WeakSet()
 
@@ -203,7 +216,7 @@ class AmqpBroker:
                 except BaseException:
                     await connection.close()
                     raise
-        return cls(connection, channel, publish_timeout)
+        return cls(connection, channel, publish_timeout, broker_user(url))
 
     def _temporary_channel(self) -> AbstractRobustChannel:
         # Topology and inspection use a channel of their own: a refused declare closes it, and
@@ -274,6 +287,7 @@ class AmqpBroker:
             type="update",
             timestamp=datetime.fromtimestamp(header.sent_at, UTC),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            user_id=self.user_id,
         )
         await self.publish_message(keys.UPDATES_EXCHANGE, header.job, message, timeout=timeout)
 
@@ -295,6 +309,7 @@ class AmqpBroker:
             type="update",
             timestamp=datetime.now(UTC),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            user_id=self.user_id,
         )
         await self.publish_message(keys.UPDATES_EXCHANGE, job, message, timeout=timeout)
 
@@ -321,7 +336,11 @@ class AmqpBroker:
                 raise PublishError(f"{what} was not confirmed within {timeout}s") from exc
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
                 raise PublishError(f"{what}: exchange missing: is the job declared?") from exc
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                raise PublishError(f"{what} was refused: no write permission: {exc}") from exc
             except aiormq.exceptions.ChannelClosed as exc:
+                # E.g. PRECONDITION_FAILED for a user_id that is not the connection's user:
+                # final, so report it rather than republish (the channel reopens by itself).
                 raise PublishError(f"{what} was refused: {exc}") from exc
             except _LINK_ERRORS as exc:
                 remaining = deadline - loop.time()
@@ -472,6 +491,11 @@ class AmqpBroker:
             await self._connection.close()
 
 
+def broker_user(url: str) -> str:
+    """Return the user a URL logs in as (aio-pika's default is guest)."""
+    return unquote(urlsplit(url).username or "") or "guest"
+
+
 def _safe_url(url: str) -> str:
     """Drop the password from a URL before it goes into a message."""
     scheme, sep, rest = url.partition("://")
@@ -543,6 +567,10 @@ class AmqpDelivery:
     @property
     def redelivered(self) -> bool:
         return bool(self._message.redelivered)
+
+    @property
+    def user_id(self) -> str | None:
+        return self._message.user_id
 
     def _check_unsettled(self) -> None:
         if self._settled:

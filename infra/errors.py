@@ -25,3 +25,7 @@ class PublishError(Exception):
 
 class DeviceExists(Exception):
     """The device id already has a (different, or revoked) key; replace it explicitly."""
+
+
+class AccessDenied(PermissionError):
+    """The broker refused an operation the connection's user has no permission for."""

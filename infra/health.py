@@ -15,12 +15,13 @@ from types import TracebackType
 
 from prometheus_client import (
     CollectorRegistry,
+    Gauge,
     ProcessCollector,
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from infra.errors import BackendUnavailable, JobNotFound
+from infra.errors import AccessDenied, BackendUnavailable, JobNotFound
 from infra.protocols import Broker, ModelStore
 from infra.settings import ConnectionSettings
 
@@ -45,7 +46,7 @@ async def backend_problems(
         # makes the probe fail rather than hang.
         async with asyncio.timeout(timeout):
             await store.current_version()
-    except (BackendUnavailable, JobNotFound, TimeoutError) as exc:
+    except (AccessDenied, BackendUnavailable, JobNotFound, TimeoutError) as exc:
         problems.append(f"store: {type(exc).__name__}: {exc}")
     return problems
 
@@ -87,6 +88,12 @@ class HealthServer:
         self._host = host
         self._readiness_timeout = readiness_timeout
         self._server: asyncio.Server | None = None
+        # For alerting: Prometheus scrapes /metrics, not /readyz, so readiness is a gauge too.
+        self._ready = Gauge(
+            "fedq_ready",
+            "1 when /readyz answers 200, 0 when not; checked at each scrape of /metrics.",
+            registry=registry,
+        )
 
     async def __aenter__(self) -> HealthServer:
         self._server = await asyncio.start_server(self._serve, self._host, self.port)
@@ -130,6 +137,7 @@ class HealthServer:
                 return 503, "text/plain", ("\n".join(problems) + "\n").encode()
             return 200, "text/plain", b"ready\n"
         if route == "/metrics":
+            self._ready.set(0 if await self._problems() else 1)
             # Rendering touches every collector: off the loop, like any other slow work.
             body = await asyncio.to_thread(generate_latest, self.registry)
             # The classic text format: every Prometheus version parses it, no negotiation needed.

@@ -58,8 +58,13 @@ class JobKeys:
     def versions_stream(self) -> str:
         return f"{self.prefix}:versions"
 
-    def blob(self, update_id: str) -> str:
-        return f"{self.prefix}:blob:{update_id}"
+    def blob(self, device_id: str, update_id: str) -> str:
+        """A claim-check payload, under its device's prefix so an ACL can scope writes to it."""
+        return f"{self.blob_prefix(device_id)}{update_id}"
+
+    def blob_prefix(self, device_id: str) -> str:
+        # "/" is outside the device-id alphabet: no device's prefix is another's.
+        return f"{self.prefix}:blob:{device_id}/"
 
     @property
     def latest_eval(self) -> str:
@@ -82,6 +87,21 @@ class JobKeys:
     def revoked_devices(self) -> str:
         """Set: device ids whose key no longer authenticates updates."""
         return f"{self.prefix}:devices:revoked"
+
+    @property
+    def forwarded(self) -> str:
+        """Set (edge jobs): device update ids already forwarded upstream in a partial update."""
+        return f"{self.prefix}:edge:forwarded"
+
+    @property
+    def forward_plans(self) -> str:
+        """Hash (edge jobs): planned partials, `m:{update id}` -> partial id, `p:{id}` -> ids."""
+        return f"{self.prefix}:edge:plans"
+
+    @property
+    def device_tallies(self) -> str:
+        """Hash: `applied:D`, `staleness_sum:D`, `staleness_max:D` per device D (commit Lua)."""
+        return f"{self.prefix}:devices:tallies"
 
     @property
     def pattern(self) -> str:

@@ -30,6 +30,7 @@ class _Message:
     body: bytes
     # Times handed back unsettled; like a quorum queue's delivery count.
     returns: int = 0
+    user_id: str | None = None
 
 
 @dataclass
@@ -72,11 +73,13 @@ class MemoryBroker:
     """The Broker in one process: per-job queues of messages, no network.
 
     It is shared by every component of a `fedq simulate` run, so `close` keeps its state.
+    `user_id` plays the connection's user: every message it publishes carries it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, user_id: str | None = None) -> None:
         self._jobs: dict[str, _JobQueues] = {}
         self.announcements: list[tuple[str, int]] = []
+        self.user_id = user_id
 
     def _job(self, job: str) -> _JobQueues:
         try:
@@ -120,7 +123,9 @@ class MemoryBroker:
         if queues is None:
             raise PublishError(f"message {message_id} is unroutable: is the job declared?")
         # aiormq gives a message without an id a random one: do the same.
-        message = _Message(message_id or uuid.uuid4().hex, received, bytes(body))
+        message = _Message(
+            message_id or uuid.uuid4().hex, received, bytes(body), user_id=self.user_id
+        )
         queues.ready.append(message)
         if queues.stream is not None:
             queues.stream.append(message)
@@ -201,6 +206,10 @@ class MemoryDelivery:
     @property
     def body(self) -> bytes:
         return self._message.body
+
+    @property
+    def user_id(self) -> str | None:
+        return self._message.user_id
 
     def _settle(self) -> _JobQueues:
         if self._settled:

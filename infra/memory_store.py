@@ -16,8 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from infra.errors import DeviceExists, JobExists, JobNotFound, VersionConflict
-from infra.protocols import DeviceRecord
+from infra.protocols import DeviceRecord, DeviceTally, tallies_from_fields
 from schemas import JobConfig, VersionMeta
+from schemas.safetensors_format import ByteBuffer
 
 
 @dataclass
@@ -32,12 +33,15 @@ class _JobState:
     metas: dict[int, str] = field(default_factory=dict)
     applied: set[str] = field(default_factory=set)
     # update id -> (payload, monotonic expiry time)
-    blobs: dict[str, tuple[bytes, float]] = field(default_factory=dict)
+    # (device id, update id) -> (bytes, expiry)
+    blobs: dict[tuple[str, str], tuple[bytes, float]] = field(default_factory=dict)
     latest_eval: tuple[int, dict[str, float]] | None = None
     rejections: Counter[str] = field(default_factory=Counter)
     devices: dict[str, int] = field(default_factory=dict)
     device_keys: dict[str, str] = field(default_factory=dict)
     revoked_devices: set[str] = field(default_factory=set)
+    # The Redis tallies hash: `applied:D`, `staleness_sum:D`, `staleness_max:D`.
+    device_tallies: Counter[str] = field(default_factory=Counter)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
@@ -86,7 +90,7 @@ class MemoryModelStore:
 
     # -- job lifecycle -----------------------------------------------------------------
 
-    async def create_job(self, config: JobConfig, model: bytes, meta: VersionMeta) -> None:
+    async def create_job(self, config: JobConfig, model: ByteBuffer, meta: VersionMeta) -> None:
         """Store the config and version 0; raise JobExists if the job is already there."""
         await _checkpoint()
         if config.job != self.job:
@@ -143,7 +147,7 @@ class MemoryModelStore:
         state = self._existing()
         return state.version, state.models[state.version]
 
-    async def commit(self, expected_version: int, model: bytes, meta: VersionMeta) -> None:
+    async def commit(self, expected_version: int, model: ByteBuffer, meta: VersionMeta) -> None:
         """Atomically move the job from `expected_version` to `meta.version` (= expected + 1)."""
         await _checkpoint()
         new_version = expected_version + 1
@@ -155,6 +159,12 @@ class MemoryModelStore:
         state.models[new_version] = bytes(model)
         state.metas[new_version] = meta.model_dump_json()
         state.applied.update(meta.contributors)
+        for device, staleness in zip(meta.devices, meta.staleness, strict=True):
+            tallies = state.device_tallies
+            tallies[f"applied:{device}"] += 1
+            tallies[f"staleness_sum:{device}"] += staleness
+            most = f"staleness_max:{device}"
+            tallies[most] = max(tallies.get(most, 0), staleness)
         state.version = new_version
         state.models.pop(new_version - state.versions_kept, None)
         async with state.changed:
@@ -186,35 +196,56 @@ class MemoryModelStore:
         await _checkpoint()
         return len(self._hub.peek(self.job).applied)
 
+    async def device_tallies(self) -> list[DeviceTally]:
+        """Return each contributing device's applied updates and staleness, sorted by id."""
+        await _checkpoint()
+        return tallies_from_fields(self._hub.peek(self.job).device_tallies)
+
+    async def recent_versions(self, seconds: float) -> int:
+        """Return how many versions (after 0) were committed in the last `seconds`."""
+        await _checkpoint()
+        state = self._hub.peek(self.job)
+        since = time.time() - seconds
+        count = 0
+        # Newest first, stopping at the window's edge: the cost is the window, not the job.
+        for version in range(state.version, 0, -1):
+            raw = state.metas.get(version)
+            if raw is None or VersionMeta.model_validate_json(raw).created_at < since:
+                break
+            count += 1
+        return count
+
     # -- claim-check blobs -------------------------------------------------------------
 
-    async def put_blob(self, update_id: str, data: bytes, ttl_seconds: int) -> None:
-        """Store a claim-check payload that expires after `ttl_seconds`."""
+    async def put_blob(
+        self, device_id: str, update_id: str, data: ByteBuffer, ttl_seconds: int
+    ) -> None:
+        """Store a device's claim-check payload that expires after `ttl_seconds`."""
         await _checkpoint()
         if ttl_seconds < 1:
             raise ValueError(f"ttl_seconds must be at least 1, not {ttl_seconds}")
         expires = self._hub.clock() + ttl_seconds
-        self._hub.state(self.job).blobs[update_id] = (bytes(data), expires)
+        self._hub.state(self.job).blobs[device_id, update_id] = (bytes(data), expires)
 
-    async def get_blob(self, update_id: str) -> bytes | None:
+    async def get_blob(self, device_id: str, update_id: str) -> bytes | None:
         """Return a claim-check payload, or None once it expired or was deleted."""
         await _checkpoint()
         blobs = self._hub.peek(self.job).blobs
-        entry = blobs.get(update_id)
+        entry = blobs.get((device_id, update_id))
         if entry is None:
             return None
         data, expires = entry
         if self._hub.clock() >= expires:
-            del blobs[update_id]
+            del blobs[device_id, update_id]
             return None
         return data
 
-    async def delete_blobs(self, update_ids: Sequence[str]) -> None:
-        """Remove claim-check payloads (missing ones are fine)."""
+    async def delete_blobs(self, blobs: Sequence[tuple[str, str]]) -> None:
+        """Remove claim-check payloads given as (device id, update id); missing ones are fine."""
         await _checkpoint()
-        blobs = self._hub.peek(self.job).blobs
-        for update_id in update_ids:
-            blobs.pop(update_id, None)
+        stored = self._hub.peek(self.job).blobs
+        for device_id, update_id in blobs:
+            stored.pop((device_id, update_id), None)
 
     # -- evaluation and counters -------------------------------------------------------
 

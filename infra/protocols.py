@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from schemas import JobConfig, UpdateHeader, VersionMeta
+from schemas.safetensors_format import ByteBuffer
 
 # Header names added to a dead-lettered message (the original headers are kept alongside).
 REASON_HEADER = "x-fedq-reason"
@@ -31,6 +32,10 @@ class Delivery(Protocol):
     def body(self) -> bytes: ...
     @property
     def redelivered(self) -> bool: ...
+    @property
+    def user_id(self) -> str | None:
+        """The publisher's user as the broker validated it (AMQP user_id), if it set one."""
+        ...
 
     async def ack(self) -> None:
         """Settle: the update's effect is durable (committed, or known duplicate)."""
@@ -71,6 +76,38 @@ class DeviceRecord:
     device_id: str
     public_key: str
     revoked: bool
+
+
+@dataclass(frozen=True)
+class DeviceTally:
+    """What one device contributed to committed versions, kept up to date by each commit."""
+
+    device_id: str
+    applied: int
+    staleness_sum: int
+    staleness_max: int
+
+    @property
+    def staleness_mean(self) -> float:
+        return self.staleness_sum / self.applied if self.applied else 0.0
+
+
+def tallies_from_fields(fields: Mapping[str, int]) -> list[DeviceTally]:
+    """Build tallies from `applied:D`, `staleness_sum:D`, `staleness_max:D` counters."""
+    by_device: dict[str, dict[str, int]] = {}
+    for name, value in fields.items():
+        # The counter names hold no ":", so the first one ends it (device ids may hold ":").
+        counter, _, device = name.partition(":")
+        by_device.setdefault(device, {})[counter] = value
+    return [
+        DeviceTally(
+            device_id=device,
+            applied=counters.get("applied", 0),
+            staleness_sum=counters.get("staleness_sum", 0),
+            staleness_max=counters.get("staleness_max", 0),
+        )
+        for device, counters in sorted(by_device.items())
+    ]
 
 
 class Broker(Protocol):
@@ -138,7 +175,7 @@ class ModelStore(Protocol):
 
     job: str
 
-    async def create_job(self, config: JobConfig, model: bytes, meta: VersionMeta) -> None:
+    async def create_job(self, config: JobConfig, model: ByteBuffer, meta: VersionMeta) -> None:
         """Store the config and version 0; raise JobExists if the job is already there."""
         ...
 
@@ -154,17 +191,20 @@ class ModelStore(Protocol):
         """Return the latest committed version; raise JobNotFound if there is none."""
         ...
 
-    async def get_model(self, version: int) -> bytes | None:
-        """Return a version's safetensors bytes, or None once it has been pruned."""
+    async def get_model(self, version: int) -> ByteBuffer | None:
+        """Return a version's safetensors bytes, or None once it has been pruned.
+
+        A bytearray (big values) is the caller's own copy: the codec decodes it in place.
+        """
         ...
 
     async def get_meta(self, version: int) -> VersionMeta | None: ...
 
-    async def latest(self) -> tuple[int, bytes]:
+    async def latest(self) -> tuple[int, ByteBuffer]:
         """Return the latest version and its bytes, consistently, even while commits race."""
         ...
 
-    async def commit(self, expected_version: int, model: bytes, meta: VersionMeta) -> None:
+    async def commit(self, expected_version: int, model: ByteBuffer, meta: VersionMeta) -> None:
         """Atomically move the job from `expected_version` to `meta.version` (= expected + 1).
 
         Records `meta.contributors` as applied, appends to the versions stream and prunes
@@ -179,13 +219,25 @@ class ModelStore(Protocol):
 
     async def applied_count(self) -> int: ...
 
-    async def put_blob(self, update_id: str, data: bytes, ttl_seconds: int) -> None:
-        """Store a claim-check payload that expires after `ttl_seconds`."""
+    async def device_tallies(self) -> list[DeviceTally]:
+        """Return each contributing device's applied updates and staleness, sorted by id."""
         ...
 
-    async def get_blob(self, update_id: str) -> bytes | None: ...
+    async def recent_versions(self, seconds: float) -> int:
+        """Return how many versions (after 0) were committed in the last `seconds`."""
+        ...
 
-    async def delete_blobs(self, update_ids: Sequence[str]) -> None: ...
+    async def put_blob(
+        self, device_id: str, update_id: str, data: ByteBuffer, ttl_seconds: int
+    ) -> None:
+        """Store a device's claim-check payload that expires after `ttl_seconds`."""
+        ...
+
+    async def get_blob(self, device_id: str, update_id: str) -> ByteBuffer | None: ...
+
+    async def delete_blobs(self, blobs: Sequence[tuple[str, str]]) -> None:
+        """Remove claim-check payloads given as (device id, update id) pairs."""
+        ...
 
     async def record_eval(self, version: int, metrics: Mapping[str, float]) -> None:
         """Write evaluation metrics into a version's meta and remember the latest evaluated."""

@@ -18,11 +18,12 @@ from typing import Any, ParamSpec, TypeVar, cast
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import AuthenticationError, NoPermissionError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
 
 from infra.errors import (
+    AccessDenied,
     BackendUnavailable,
     DeviceExists,
     JobExists,
@@ -30,8 +31,11 @@ from infra.errors import (
     VersionConflict,
 )
 from infra.keys import JobKeys
-from infra.protocols import DeviceRecord
+from infra.protocols import DeviceRecord, DeviceTally, tallies_from_fields
+from infra.redis_client import redis_client
+from infra.redis_values import ValueIO
 from schemas import JobConfig, VersionMeta
+from schemas.safetensors_format import ByteBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +90,7 @@ return 1
 )
 
 # KEYS: version, temporary model, model:{v+1}, applied, meta:{v+1}, versions stream,
-#       [model:{v+1-versions_kept}]
+#       device tallies, [model:{v+1-versions_kept}]
 # ARGV: expected, new version, meta json, sha256, created_at, token, stream maxlen,
 #       contributor ids...
 # Returns 1 committed, 2 already committed by this same call (a client retry), 0 conflict,
@@ -115,7 +119,19 @@ end
 redis.call('SET', KEYS[5], ARGV[3])
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*',
   'version', ARGV[2], 'sha256', ARGV[4], 'created_at', ARGV[5], 'token', ARGV[6])
-if KEYS[7] then redis.call('UNLINK', KEYS[7]) end
+-- Per-device tallies for `fedq status`: O(contributors), like the SADD above, and it
+-- spares status a scan of every meta:{v}.
+local meta = cjson.decode(ARGV[3])
+local devices = type(meta.devices) == 'table' and meta.devices or {}
+local stalenesses = type(meta.staleness) == 'table' and meta.staleness or {}
+for i, device in ipairs(devices) do
+  local staleness = tonumber(stalenesses[i]) or 0
+  redis.call('HINCRBY', KEYS[7], 'applied:' .. device, 1)
+  redis.call('HINCRBY', KEYS[7], 'staleness_sum:' .. device, staleness)
+  local most = tonumber(redis.call('HGET', KEYS[7], 'staleness_max:' .. device) or '-1')
+  if staleness > most then redis.call('HSET', KEYS[7], 'staleness_max:' .. device, staleness) end
+end
+if KEYS[8] then redis.call('UNLINK', KEYS[8]) end
 return 1
 """
 )
@@ -152,12 +168,15 @@ return 1
 def _unavailable_on_network_errors(
     fn: Callable[_P, Awaitable[_R]],
 ) -> Callable[_P, Coroutine[Any, Any, _R]]:
-    """Turn redis connection and timeout errors into BackendUnavailable."""
+    """Turn redis connection and timeout errors into BackendUnavailable, ACL refusals into
+    AccessDenied (final: retrying a wrong password or a missing permission cannot help)."""
 
     @functools.wraps(fn)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return await fn(*args, **kwargs)
+        except (AuthenticationError, NoPermissionError) as exc:
+            raise AccessDenied(f"redis: {exc}") from exc
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise BackendUnavailable(f"redis: {exc}") from exc
 
@@ -171,7 +190,14 @@ def _text(value: bytes | str) -> str:
 class RedisModelStore:
     """A `ModelStore` for one job, backed by Redis (binary responses, never decoded)."""
 
-    def __init__(self, client: aioredis.Redis, job: str, *, owns_client: bool = False) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        job: str,
+        *,
+        owns_client: bool = False,
+        values: ValueIO | None = None,
+    ) -> None:
         kwargs = client.connection_pool.connection_kwargs
         if kwargs.get("decode_responses"):
             raise ValueError("the Redis client must return bytes (decode_responses=False)")
@@ -179,6 +205,8 @@ class RedisModelStore:
         self._client = client
         self._keys = JobKeys(job)
         self._owns_client = owns_client
+        # Big values (models, blobs) go in chunks under deadlines sized to them: redis_values.
+        self._values = values if values is not None else ValueIO(client)
         socket_timeout = kwargs.get("socket_timeout")
         # An XREAD BLOCK longer than the socket timeout would be cut off as a TimeoutError.
         self._max_block = (
@@ -194,8 +222,8 @@ class RedisModelStore:
 
     @classmethod
     def from_url(cls, url: str, job: str, *, timeout: float = 120.0) -> RedisModelStore:
-        """Connect to `url` with timeouts sized for model values of hundreds of MB."""
-        client = aioredis.Redis.from_url(
+        """Connect to `url` (redis://, rediss:// or redis+sentinel://) with big-model timeouts."""
+        client = redis_client(
             url,
             decode_responses=False,
             socket_timeout=timeout,
@@ -215,7 +243,7 @@ class RedisModelStore:
     # -- job lifecycle -----------------------------------------------------------------
 
     @_unavailable_on_network_errors
-    async def create_job(self, config: JobConfig, model: bytes, meta: VersionMeta) -> None:
+    async def create_job(self, config: JobConfig, model: ByteBuffer, meta: VersionMeta) -> None:
         """Store the config and version 0; raise JobExists if the job is already there."""
         if config.job != self.job:
             raise ValueError(f"config is for job {config.job!r}, this store is {self.job!r}")
@@ -223,7 +251,7 @@ class RedisModelStore:
             raise ValueError(f"the first version must be 0, not {meta.version}")
         token = uuid.uuid4().hex
         temp = f"{self._keys.model(0)}:tmp:{token}"
-        await self._client.set(temp, model, ex=TEMP_MODEL_TTL_SECONDS)
+        await self._values.write(temp, model, ex=TEMP_MODEL_TTL_SECONDS)
         keys = self._keys
         result = await self._create_script(
             keys=[
@@ -279,10 +307,11 @@ class RedisModelStore:
     # -- versions ----------------------------------------------------------------------
 
     @_unavailable_on_network_errors
-    async def get_model(self, version: int) -> bytes | None:
+    async def get_model(self, version: int) -> ByteBuffer | None:
         """Return a version's safetensors bytes, or None once it has been pruned."""
-        # bytes, not str: __init__ refuses a client that decodes responses.
-        return cast(bytes | None, await self._client.get(self._keys.model(version)))
+        # bytes, not str: __init__ refuses a client that decodes responses. A chunked
+        # (big) model comes back as a bytearray the codec decodes in place.
+        return await self._values.read(self._keys.model(version))
 
     @_unavailable_on_network_errors
     async def get_meta(self, version: int) -> VersionMeta | None:
@@ -291,7 +320,7 @@ class RedisModelStore:
         return None if raw is None else VersionMeta.model_validate_json(raw)
 
     @_unavailable_on_network_errors
-    async def latest(self) -> tuple[int, bytes]:
+    async def latest(self) -> tuple[int, ByteBuffer]:
         """Return the latest version and its bytes, consistently, even while commits race."""
         for _ in range(LATEST_ATTEMPTS):
             version = await self.current_version()
@@ -302,7 +331,7 @@ class RedisModelStore:
         raise BackendUnavailable(f"no consistent latest model after {LATEST_ATTEMPTS} reads")
 
     @_unavailable_on_network_errors
-    async def commit(self, expected_version: int, model: bytes, meta: VersionMeta) -> None:
+    async def commit(self, expected_version: int, model: ByteBuffer, meta: VersionMeta) -> None:
         """Atomically move the job from `expected_version` to `meta.version` (= expected + 1).
 
         The bytes go to a unique temporary key first and are renamed into place by the same
@@ -317,7 +346,7 @@ class RedisModelStore:
         keys = self._keys
         token = uuid.uuid4().hex
         temp = f"{keys.model(new_version)}:tmp:{token}"
-        await self._client.set(temp, model, ex=TEMP_MODEL_TTL_SECONDS)
+        await self._values.write(temp, model, ex=TEMP_MODEL_TTL_SECONDS)
         script_keys = [
             keys.version,
             temp,
@@ -325,6 +354,7 @@ class RedisModelStore:
             keys.applied,
             keys.meta(new_version),
             keys.versions_stream,
+            keys.device_tallies,
         ]
         if new_version - kept >= 0:
             # Named in KEYS (not built inside Lua) so the script declares every key it touches.
@@ -390,25 +420,49 @@ class RedisModelStore:
         """Return how many update ids committed versions contain."""
         return int(await self._client.scard(self._keys.applied))
 
+    @_unavailable_on_network_errors
+    async def device_tallies(self) -> list[DeviceTally]:
+        """Return each contributing device's applied updates and staleness, sorted by id."""
+        raw = await self._client.hgetall(self._keys.device_tallies)
+        return tallies_from_fields({_text(name): int(value) for name, value in raw.items()})
+
+    @_unavailable_on_network_errors
+    async def recent_versions(self, seconds: float) -> int:
+        """Return how many versions (after 0) were committed in the last `seconds`."""
+        # Stream ids are the Redis server's clock in ms: no skew with the committers' clocks.
+        now_seconds, now_micros = await self._client.time()
+        since_ms = int(now_seconds * 1000 + now_micros // 1000 - seconds * 1000)
+        stream = self._keys.versions_stream
+        first = await self._client.xrange(stream, min=f"{max(since_ms, 0)}-0", count=1)
+        last = await self._client.xrevrange(stream, count=1)
+        if not first or not last:
+            return 0
+        # Versions are gapless, so the window holds first..last: two reads, however many.
+        oldest = max(_entry_version(first[0]), 1)
+        return max(_entry_version(last[0]) - oldest + 1, 0)
+
     # -- claim-check blobs -------------------------------------------------------------
 
     @_unavailable_on_network_errors
-    async def put_blob(self, update_id: str, data: bytes, ttl_seconds: int) -> None:
-        """Store a claim-check payload that expires after `ttl_seconds`."""
+    async def put_blob(
+        self, device_id: str, update_id: str, data: ByteBuffer, ttl_seconds: int
+    ) -> None:
+        """Store a device's claim-check payload that expires after `ttl_seconds`."""
         if ttl_seconds < 1:
             raise ValueError(f"ttl_seconds must be at least 1, not {ttl_seconds}")
-        await self._client.set(self._keys.blob(update_id), data, ex=ttl_seconds)
+        await self._values.write(self._keys.blob(device_id, update_id), data, ex=ttl_seconds)
 
     @_unavailable_on_network_errors
-    async def get_blob(self, update_id: str) -> bytes | None:
+    async def get_blob(self, device_id: str, update_id: str) -> ByteBuffer | None:
         """Return a claim-check payload, or None once it expired or was deleted."""
-        return cast(bytes | None, await self._client.get(self._keys.blob(update_id)))
+        key = self._keys.blob(device_id, update_id)
+        return await self._values.read(key)
 
     @_unavailable_on_network_errors
-    async def delete_blobs(self, update_ids: Sequence[str]) -> None:
-        """Remove claim-check payloads (missing ones are fine)."""
-        if update_ids:
-            await self._client.unlink(*(self._keys.blob(u) for u in update_ids))
+    async def delete_blobs(self, blobs: Sequence[tuple[str, str]]) -> None:
+        """Remove claim-check payloads given as (device id, update id); missing ones are fine."""
+        if blobs:
+            await self._client.unlink(*(self._keys.blob(d, u) for d, u in blobs))
 
     # -- evaluation and counters -------------------------------------------------------
 
@@ -513,6 +567,12 @@ class RedisModelStore:
             for device, key in keys.items()
         )
         return sorted(records, key=lambda record: record.device_id)
+
+
+def _entry_version(entry: Any) -> int:
+    """Return the `version` field of one versions-stream entry (id, fields)."""
+    fields: dict[bytes, bytes] = entry[1]
+    return int(fields[b"version"])
 
 
 def _last_id_in(reply: Any) -> bytes | str | None:

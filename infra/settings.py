@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra.logs import LogFormat
 from schemas.messages import Codec
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -37,7 +38,17 @@ class AggregatorSettings(ConnectionSettings):
     prefetch: int | None = Field(default=None, ge=1, le=65_535)
     # Drain mode: exit after this many seconds without a message (tests, batch replays).
     idle_exit_seconds: float | None = Field(default=None, gt=0)
+    # Edge mode (FEDQ_UPSTREAM): forward partial updates to this root job instead of
+    # committing versions; the job's model mirrors the root's (docs/operations.md).
+    upstream: str | None = Field(default=None, min_length=1, max_length=64)
+    # Edge mode: the device id (default `edge-{job}`) and key the edge publishes upstream as.
+    device_id: str = ""
+    device_key_file: Path | None = None
+    # Edge mode: forward a group that has waited this long even if it has fewer than K.
+    edge_flush_seconds: float = Field(default=10.0, gt=0)
     log_level: str = "INFO"
+    # FEDQ_LOG_FORMAT: `text` (readable) or `json` (one object per line, for log pipelines).
+    log_format: LogFormat = "text"
 
 
 class AgentSettings(ConnectionSettings):
@@ -58,4 +69,10 @@ class AgentSettings(ConnectionSettings):
     # FEDQ_DEVICE_KEY_FILE: the device's private key (base64 of 32 raw bytes, from
     # `fedq device add`); every update is signed with it when set.
     device_key_file: Path | None = None
+    # Partial updates: FEDQ_TRAINABLE_ONLY sends only parameters with requires_grad;
+    # FEDQ_SEND_KEYS (comma-separated) sends only those keys and freezes the rest.
+    trainable_only: bool = False
+    send_keys: str = ""
     log_level: str = "INFO"
+    # FEDQ_LOG_FORMAT: `text` (readable) or `json` (one object per line, for log pipelines).
+    log_format: LogFormat = "text"

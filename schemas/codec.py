@@ -12,13 +12,11 @@ import hashlib
 from collections.abc import Mapping
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
 
-from schemas.compression import compress, expand, is_compressed
+from schemas.compression import compress, expand, is_compressed, wire_names
 from schemas.errors import Rejection, RejectReason
 from schemas.messages import Codec, TensorSpec
+from schemas.safetensors_format import ByteBuffer, all_finite, deserialize, serialize
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -56,33 +54,66 @@ def schema_of(tensors: Tensors) -> dict[str, TensorSpec]:
     }
 
 
-def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+def sha256_hex(data: ByteBuffer | memoryview) -> str:
     """Hash payload bytes the way headers and version metadata record them."""
     return hashlib.sha256(data).hexdigest()
 
 
-def encode(tensors: Tensors, codec: Codec = "none") -> bytes:
-    """Serialize tensors to safetensors bytes, casting or compressing floats as the codec says."""
+def encode_buffer(tensors: Tensors, codec: Codec = "none") -> bytearray:
+    """Serialize tensors to safetensors in one new bytearray (no intermediate copies)."""
     if is_compressed(codec):
-        return bytes(_st_save(compress(tensors, codec)))
+        return serialize(compress(tensors, codec))
     wire_dtype = _CODEC_DTYPES[codec]
     prepared: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         t = tensor.detach()
+        # int8/int16 are only compression's wire tensors; a model never holds them.
+        dtype_name(t.dtype)
         if wire_dtype is not None and t.is_floating_point():
             t = t.to(wire_dtype)
-        prepared[name] = t.contiguous().cpu()
-    return bytes(_st_save(prepared))
+        prepared[name] = t
+    return serialize(prepared)
 
 
-def decode(data: bytes) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes into tensors; anything else is a MALFORMED_PAYLOAD rejection."""
-    if len(data) < 8:
-        raise Rejection(RejectReason.MALFORMED_PAYLOAD, f"{len(data)} bytes is too short")
+def encode(tensors: Tensors, codec: Codec = "none") -> bytes:
+    """Serialize tensors to safetensors bytes, casting or compressing floats as the codec says."""
+    return bytes(encode_buffer(tensors, codec))
+
+
+def decode(data: ByteBuffer) -> dict[str, torch.Tensor]:
+    """Parse safetensors into tensors; anything else is a MALFORMED_PAYLOAD rejection.
+
+    A bytearray is decoded in place: the tensors are views into it, so the caller hands it
+    over and must not reuse it. Bytes are copied once into writable memory.
+    """
+    return deserialize(data)
+
+
+def _wire_dtype_name(name: str, tensor: torch.Tensor) -> str:
     try:
-        return _st_load(bytes(data))
-    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
-        raise Rejection(RejectReason.MALFORMED_PAYLOAD, f"not safetensors: {exc}") from None
+        return dtype_name(tensor.dtype)
+    except ValueError:
+        raise Rejection(
+            RejectReason.WRONG_DTYPE, f"{name}: dtype {tensor.dtype} is not a model dtype"
+        ) from None
+
+
+def present_schema(
+    tensors: Tensors, schema: Mapping[str, TensorSpec], codec: Codec, *, partial: bool
+) -> Mapping[str, TensorSpec]:
+    """Return the part of the schema an update carries: all of it, or only its keys if partial.
+
+    A partial update must still name only schema keys and carry at least one of them.
+    """
+    if not partial:
+        return schema
+    names = wire_names(tensors.keys(), codec) if is_compressed(codec) else set(tensors)
+    unknown = names - schema.keys()
+    if unknown:
+        raise Rejection(RejectReason.WRONG_KEYS, f"extra {sorted(unknown)[:5]}")
+    if not names:
+        raise Rejection(RejectReason.WRONG_KEYS, "a partial update carries no tensor")
+    return {name: spec for name, spec in schema.items() if name in names}
 
 
 def validate(tensors: Tensors, schema: Mapping[str, TensorSpec], codec: Codec = "none") -> None:
@@ -107,11 +138,10 @@ def validate(tensors: Tensors, schema: Mapping[str, TensorSpec], codec: Codec = 
         expected: str = spec.dtype
         if wire_dtype is not None and spec.dtype in ("float32", "float64", "float16", "bfloat16"):
             expected = dtype_name(wire_dtype)
-        if dtype_name(tensor.dtype) != expected:
-            raise Rejection(
-                RejectReason.WRONG_DTYPE, f"{name}: {dtype_name(tensor.dtype)} != {expected}"
-            )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        actual = _wire_dtype_name(name, tensor)
+        if actual != expected:
+            raise Rejection(RejectReason.WRONG_DTYPE, f"{name}: {actual} != {expected}")
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise Rejection(RejectReason.NON_FINITE, f"{name} holds NaN or Inf")
 
 
@@ -128,11 +158,20 @@ def _dtype_from_name(name: str) -> torch.dtype:
 
 
 def decode_validated(
-    data: bytes, schema: Mapping[str, TensorSpec], codec: Codec = "none"
+    data: ByteBuffer,
+    schema: Mapping[str, TensorSpec],
+    codec: Codec = "none",
+    *,
+    partial: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Decode, validate and restore an update payload in one call (run it off the event loop)."""
+    """Decode, validate and restore an update payload in one call (run it off the event loop).
+
+    With `partial`, the update may carry any non-empty subset of the schema's keys (only the
+    trainable ones, say); each key it carries is checked as strictly as in a full update.
+    """
     tensors = decode(data)
+    carried = present_schema(tensors, schema, codec, partial=partial)
     if is_compressed(codec):
-        return expand(tensors, schema, codec)
-    validate(tensors, schema, codec)
-    return restore_dtypes(tensors, schema)
+        return expand(tensors, carried, codec)
+    validate(tensors, carried, codec)
+    return restore_dtypes(tensors, carried)

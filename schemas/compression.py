@@ -18,7 +18,7 @@ payload is a Rejection and never an IndexError or an allocation the sender chose
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import get_args
 
 import torch
@@ -26,6 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from schemas.errors import Rejection, RejectReason
 from schemas.messages import Codec, DType, TensorSpec
+from schemas.safetensors_format import all_finite
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -128,6 +129,17 @@ def expected_keys(schema: Mapping[str, TensorSpec], codec: Codec) -> set[str]:
     return keys
 
 
+def wire_names(wire_keys: Iterable[str], codec: Codec) -> set[str]:
+    """Name the schema tensors a compressed payload's wire keys stand for."""
+    suffixes = (IDX, VAL) if topk_fraction(codec) is not None else (SCALE,)
+    names: set[str] = set()
+    for key in wire_keys:
+        for suffix in suffixes:
+            key = key.removesuffix(suffix)
+        names.add(key)
+    return names
+
+
 def expand(
     wire: Tensors, schema: Mapping[str, TensorSpec], codec: Codec
 ) -> dict[str, torch.Tensor]:
@@ -157,7 +169,7 @@ def _check(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtyp
         raise Rejection(RejectReason.WRONG_SHAPE, f"{name}: {tuple(t.shape)} != {shape}")
     if t.dtype != dtype:
         raise Rejection(RejectReason.WRONG_DTYPE, f"{name}: {t.dtype} != {dtype}")
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not all_finite(t):
         raise Rejection(RejectReason.NON_FINITE, f"{name} holds NaN or Inf")
 
 

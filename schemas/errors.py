@@ -31,6 +31,8 @@ class RejectReason(StrEnum):
     UNKNOWN_DEVICE = "unknown_device"
     BAD_SIGNATURE = "bad_signature"
     REPLAYED = "replayed"
+    # The header's device id is not the broker-validated publisher (bind_device_users jobs).
+    USER_MISMATCH = "user_mismatch"
 
 
 class Rejection(Exception):

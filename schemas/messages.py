@@ -17,7 +17,23 @@ from pydantic import (
     model_validator,
 )
 
-SCHEMA_VERSION: Literal[1] = 1
+SCHEMA_VERSION = 1
+
+
+def accepted_schema_versions(current: int) -> frozenset[int]:
+    """Return the header schema versions a reader of `current` accepts: it and the one before.
+
+    A rolling upgrade updates the aggregator first; until every agent runs the new release,
+    updates of both schemas arrive (docs/operations.md, "Upgrade").
+    """
+    return frozenset(range(max(1, current - 1), current + 1))
+
+
+def _accepted_schema(version: int) -> int:
+    accepted = accepted_schema_versions(SCHEMA_VERSION)
+    if version not in accepted:
+        raise ValueError(f"schema_version {version} is not one of {sorted(accepted)}")
+    return version
 
 # Identifiers double as AMQP routing keys and Redis key parts: keep them to a safe alphabet.
 JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
@@ -41,6 +57,9 @@ Timestamp = Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)]
 
 MAX_PAYLOAD_BYTES = 2**40
 UpdateKind = Literal["delta", "weights"]
+# `all`: the payload holds every key of the job's model schema. `partial`: any non-empty
+# subset of them (say only the trainable ones); the aggregator leaves the other keys as they are.
+UpdateKeys = Literal["all", "partial"]
 # A cast (none, fp16, bf16), int8 quantization (per tensor or per channel), or top-k
 # sparsification keeping FRACTION of the entries, 0 < FRACTION <= 1 (schemas/compression.py).
 CODEC_PATTERN = r"^(none|fp16|bf16|int8|int8:channel|topk:([01]|[01]?\.[0-9]{1,8}))$"
@@ -66,13 +85,14 @@ class _Frozen(BaseModel):
 class UpdateHeader(_Frozen):
     """The AMQP headers of one model update (the body holds the encoded tensors)."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Annotated[int, AfterValidator(_accepted_schema)] = SCHEMA_VERSION
     job: JobId
     update_id: UpdateId
     device_id: DeviceId
     base_version: Version
     num_samples: int = Field(ge=1, le=10**9)
     kind: UpdateKind = "delta"
+    keys: UpdateKeys = "all"
     codec: Codec = "none"
     payload: PayloadMode = "inline"
     payload_sha256: Sha256Hex
@@ -156,6 +176,9 @@ class JobConfig(_Frozen):
     # Refuse an update whose `sent_at` is older than this (a replay of an old capture).
     # None: no age limit. Measured against the aggregator's clock when it sees the update.
     max_update_age_seconds: float | None = Field(default=None, gt=0, le=365 * 86400)
+    # Each device publishes as its own broker user, named like the device: refuse an update
+    # whose device id is not the AMQP user_id RabbitMQ validated. Off: jobs keep shared users.
+    bind_device_users: bool = False
 
     @property
     def versions_kept(self) -> int:

@@ -30,7 +30,11 @@ class InvalidKey(ValueError):
 
 def canonical_bytes(header: UpdateHeader) -> bytes:
     """Return the bytes a device signs: every header field but `signature`, canonically."""
-    fields = header.model_dump(mode="json", exclude={"signature"})
+    # `keys` joined the header later: left out while it has its default, so signatures made
+    # before it existed still verify (a partial update's `keys` is signed like any field).
+    fields = header.model_dump(
+        mode="json", exclude={"signature"} | ({"keys"} if header.keys == "all" else set())
+    )
     # Sorted keys and fixed separators make the bytes independent of field and dict order;
     # ensure_ascii keeps them independent of how a peer's JSON library escapes text.
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

@@ -5,7 +5,9 @@ Only floating-point entries are folded. Integer and bool entries (BatchNorm's
 global model keeps its own value for them and they may be absent from deltas and sums.
 
 Every function checks all keys and shapes before it writes anything, so a mismatch leaves the
-destination untouched rather than half-updated.
+destination untouched rather than half-updated. With `partial=True` the source may carry any
+subset of the destination's keys (a partial update: only the trainable parameters); the keys
+it does not carry are left exactly as they are.
 """
 
 from __future__ import annotations
@@ -35,14 +37,34 @@ def check_keys(expected: Iterable[str], actual: Iterable[str]) -> None:
         raise KeyError(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
 
 
+def check_subset(expected: Iterable[str], actual: Iterable[str]) -> None:
+    """Raise KeyError naming the first key of `actual` that `expected` does not have."""
+    unexpected = sorted(set(actual) - set(expected))
+    if unexpected:
+        raise KeyError(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+
+
+def check_carried(expected: Iterable[str], actual: Iterable[str], *, partial: bool) -> None:
+    """Check `actual` has exactly the keys of `expected`, or only some of them if partial."""
+    if partial:
+        check_subset(expected, actual)
+    else:
+        check_keys(expected, actual)
+
+
 def _floating_keys(tensors: Tensors) -> list[str]:
     return [name for name, t in tensors.items() if t.is_floating_point()]
 
 
-def folded_pairs(dst: Tensors, src: Tensors) -> list[tuple[str, Tensor, Tensor]]:
+def folded_pairs(
+    dst: Tensors, src: Tensors, *, partial: bool = False
+) -> list[tuple[str, Tensor, Tensor]]:
     """Pair the floating entries of `dst` and `src` by key, checking keys and shapes first."""
     keys = _floating_keys(dst)
-    check_keys(keys, _floating_keys(src))
+    carried = _floating_keys(src)
+    check_carried(keys, carried, partial=partial)
+    if partial:
+        keys = [name for name in keys if name in src]
     pairs: list[tuple[str, Tensor, Tensor]] = []
     for name in keys:
         d, s = dst[name], src[name]
@@ -62,21 +84,27 @@ def zeros_like(model: Tensors) -> dict[str, Tensor]:
     }
 
 
-def accumulate_(acc: MutableMapping[str, Tensor], delta: Tensors, weight: float) -> None:
+def accumulate_(
+    acc: MutableMapping[str, Tensor], delta: Tensors, weight: float, *, partial: bool = False
+) -> None:
     """Add `weight * delta` to `acc` in place."""
-    for _, a, d in folded_pairs(acc, delta):
+    for _, a, d in folded_pairs(acc, delta, partial=partial):
         a.add_(d, alpha=weight)
 
 
-def apply_delta_(model: MutableMapping[str, Tensor], delta: Tensors, scale: float = 1.0) -> None:
+def apply_delta_(
+    model: MutableMapping[str, Tensor], delta: Tensors, scale: float = 1.0, *, partial: bool = False
+) -> None:
     """Add `scale * delta` to the floating entries of `model` in place."""
-    for _, m, d in folded_pairs(model, delta):
+    for _, m, d in folded_pairs(model, delta, partial=partial):
         m.add_(d, alpha=scale)
 
 
-def mix_(model: MutableMapping[str, Tensor], target: Tensors, alpha: float) -> None:
+def mix_(
+    model: MutableMapping[str, Tensor], target: Tensors, alpha: float, *, partial: bool = False
+) -> None:
     """Set model <- (1 - alpha) model + alpha target, in place."""
-    for _, m, t in folded_pairs(model, target):
+    for _, m, t in folded_pairs(model, target, partial=partial):
         m.lerp_(t.to(m.dtype), alpha)
 
 
@@ -92,6 +120,6 @@ def scaled(tensors: Tensors, factor: float) -> dict[str, Tensor]:
     return {name: t * factor for name, t in tensors.items() if t.is_floating_point()}
 
 
-def added(base: Tensors, delta: Tensors) -> dict[str, Tensor]:
+def added(base: Tensors, delta: Tensors, *, partial: bool = False) -> dict[str, Tensor]:
     """Return `base + delta` for the floating entries, in the base's dtypes, as new tensors."""
-    return {name: b + d.to(b.dtype) for name, b, d in folded_pairs(base, delta)}
+    return {name: b + d.to(b.dtype) for name, b, d in folded_pairs(base, delta, partial=partial)}

@@ -10,9 +10,10 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
-from aggregator.strategies.aggregate import accumulate_, check_keys, scale_, zeros_like
+from aggregator.strategies.aggregate import accumulation_dtype, check_carried, folded_pairs
 from aggregator.strategies.staleness import within_max_staleness
 from schemas.errors import RejectReason
 
@@ -45,6 +46,8 @@ class Contribution:
     delta: Mapping[str, Tensor]
     # x_base, given only when the strategy's `needs_base_model` is true.
     base_model: Mapping[str, Tensor] | None = None
+    # A partial update carries only some keys (its trainable ones); the others stay as they are.
+    partial: bool = False
 
 
 class Strategy(Protocol):
@@ -124,12 +127,17 @@ class ReceiptLedger:
 
 
 class WeightedBuffer(ReceiptLedger):
-    """A running weighted sum of deltas with the receipts in it; memory stays O(model)."""
+    """Running weighted sums of deltas, one per key, with the receipts in them; O(model) memory.
+
+    Every key keeps its own total weight, so a key that only some updates carry (partial
+    updates) is averaged over those: sum_i w_i f_i delta_i[k] / sum_i w_i over the i that
+    carry k. With full updates every key has the same total and this is the plain mean.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self._sum: dict[str, Tensor] | None = None
-        self._weight = 0.0
+        self._sum: dict[str, Tensor] = {}
+        self._weight: dict[str, float] = {}
 
     def add(
         self,
@@ -138,22 +146,28 @@ class WeightedBuffer(ReceiptLedger):
         weight: float,
         factor: float = 1.0,
     ) -> None:
-        """Add `weight * factor * delta` to the sum and `weight` to the total weight."""
+        """Add `weight * factor * delta` to the sums and `weight` to each carried key's total."""
         self._check_new(contribution.receipt)
-        check_keys(model, contribution.delta)
-        if self._sum is None:
-            self._sum = zeros_like(model)
-        accumulate_(self._sum, contribution.delta, weight * factor)
-        self._weight += weight
+        check_carried(model, contribution.delta, partial=contribution.partial)
+        # All keys and shapes are checked here, before any sum is touched.
+        pairs = folded_pairs(model, contribution.delta, partial=contribution.partial)
+        for name, m, d in pairs:
+            acc = self._sum.get(name)
+            if acc is None:
+                # Created on first sight: an adapter-only job never allocates the backbone.
+                acc = self._sum[name] = torch.zeros_like(m, dtype=accumulation_dtype(m.dtype))
+            acc.add_(d, alpha=weight * factor)
+            self._weight[name] = self._weight.get(name, 0.0) + weight
         self._record(contribution.receipt)
 
     def take_mean(self) -> tuple[dict[str, Tensor], list[Receipt]]:
-        """Return sum / total weight and the receipts, and empty the buffer."""
-        if self._sum is None or self._weight <= 0:
+        """Return each key's sum / its total weight and the receipts, and empty the buffer."""
+        if not len(self):
             raise ValueError("the buffer is empty")
         mean = self._sum
-        # The sum is ours and dropped right after, so dividing in place saves a model copy.
-        scale_(mean, 1.0 / self._weight)
+        # The sums are ours and dropped right after, so dividing in place saves a model copy.
+        for name, acc in mean.items():
+            acc.mul_(1.0 / self._weight[name])
         receipts = self._forget_receipts()
         self.clear()
         return mean, receipts
@@ -163,7 +177,7 @@ class WeightedBuffer(ReceiptLedger):
         return self.take_mean()
 
     def clear(self) -> None:
-        """Drop the sum and the receipts."""
-        self._sum = None
-        self._weight = 0.0
+        """Drop the sums and the receipts."""
+        self._sum = {}
+        self._weight = {}
         self._forget_receipts()

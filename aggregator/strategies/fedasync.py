@@ -14,7 +14,7 @@ from collections.abc import MutableMapping
 
 from torch import Tensor
 
-from aggregator.strategies.aggregate import added, check_keys, mix_, scaled
+from aggregator.strategies.aggregate import added, check_carried, check_keys, mix_, scaled
 from aggregator.strategies.base import Admission, Contribution, Receipt, admit_async
 from aggregator.strategies.robust import clip_factor
 from aggregator.strategies.staleness import StalenessFn, staleness_function
@@ -69,7 +69,8 @@ class FedAsync:
         base = contribution.base_model
         if base is None:
             raise ValueError("FedAsync needs the base model of every update")
-        check_keys(model, contribution.delta)
+        partial = contribution.partial
+        check_carried(model, contribution.delta, partial=partial)
         check_keys(model, base)
         # x_base may be `model` itself (tau == 0): build the target before mutating anything.
         delta = contribution.delta
@@ -77,8 +78,9 @@ class FedAsync:
         if factor < 1.0:
             # A scaled copy: the caller's delta must stay as it arrived.
             delta = scaled(delta, factor)
-        target = added(base, delta)
-        mix_(model, target, self.mixing_weight(contribution.receipt.staleness))
+        # A partial update moves only the keys it carries; the others keep the global value.
+        target = added(base, delta, partial=partial)
+        mix_(model, target, self.mixing_weight(contribution.receipt.staleness), partial=partial)
         return [contribution.receipt]
 
     def pending(self) -> list[str]:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from aggregator.strategies.aggregate import (
     accumulation_dtype,
-    check_keys,
+    check_carried,
     folded_pairs,
     scale_,
 )
@@ -126,7 +126,9 @@ class StackedBuffer(ReceiptLedger):
     def __init__(self, reduce: Reducer) -> None:
         super().__init__()
         self._reduce = reduce
-        self._deltas: list[dict[str, Tensor]] = []
+        # Per key, the scaled deltas of the updates that carry it (all of them, unless some
+        # updates are partial): a key is reduced over the updates that carry it.
+        self._deltas: dict[str, list[Tensor]] = {}
 
     def add(
         self,
@@ -137,26 +139,28 @@ class StackedBuffer(ReceiptLedger):
     ) -> None:
         """Store `factor * delta` in the accumulation dtype; `weight` is ignored."""
         self._check_new(contribution.receipt)
-        check_keys(model, contribution.delta)
-        pairs = folded_pairs(model, contribution.delta)
-        # A copy, not a view: the caller owns the delta and the factor must not leak into it.
-        self._deltas.append(
-            {name: d.to(accumulation_dtype(m.dtype)) * factor for name, m, d in pairs}
-        )
+        check_carried(model, contribution.delta, partial=contribution.partial)
+        pairs = folded_pairs(model, contribution.delta, partial=contribution.partial)
+        for name, m, d in pairs:
+            # A copy, not a view: the caller owns the delta and the factor must not leak into it.
+            self._deltas.setdefault(name, []).append(d.to(accumulation_dtype(m.dtype)) * factor)
         self._record(contribution.receipt)
 
     def take(self) -> tuple[dict[str, Tensor], list[Receipt]]:
         """Return the robust reduction of the buffer and its receipts, and empty it."""
-        if not self._deltas:
+        if not len(self):
             raise ValueError("the buffer is empty")
-        reduced = self._reduce(self._deltas)
+        reduced = {
+            name: self._reduce([{name: d} for d in deltas])[name]
+            for name, deltas in self._deltas.items()
+        }
         receipts = self._forget_receipts()
         self.clear()
         return reduced, receipts
 
     def clear(self) -> None:
         """Drop the deltas and the receipts."""
-        self._deltas = []
+        self._deltas = {}
         self._forget_receipts()
 
 

@@ -4,6 +4,8 @@ The pseudo-gradient `g` is the averaged client delta, so it already points in th
 direction and every rule *adds* to the model. Following Algorithm 2 of "Adaptive Federated
 Optimization", there is no bias correction, the first moment starts at 0 and the second at
 tau^2. State is kept per key, in the accumulation dtype, created on the first step.
+A pseudo-gradient may carry only some keys (partial updates): the others are not stepped and
+their state does not move either.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class PlainStep:
 
     def step_(self, model: MutableMapping[str, Tensor], pseudo_grad: Tensors) -> None:
         """Add `lr * g` to the model."""
-        apply_delta_(model, pseudo_grad, self.lr)
+        apply_delta_(model, pseudo_grad, self.lr, partial=True)
 
     def reset(self) -> None:
         """Keep nothing: the plain step has no state."""
@@ -60,12 +62,13 @@ class FedAvgM:
 
     def step_(self, model: MutableMapping[str, Tensor], pseudo_grad: Tensors) -> None:
         """Fold `g` into the momentum and step the model along it."""
-        folded_pairs(model, pseudo_grad)  # check keys and shapes before the momentum moves
+        folded_pairs(model, pseudo_grad, partial=True)  # check before the momentum moves
         if self._m is None:
             self._m = zeros_like(model)
-        for _, m, g in folded_pairs(self._m, pseudo_grad):
-            m.mul_(self.beta1).add_(g)
-        apply_delta_(model, self._m, self.lr)
+        stepped: dict[str, Tensor] = {}
+        for name, m, g in folded_pairs(self._m, pseudo_grad, partial=True):
+            stepped[name] = m.mul_(self.beta1).add_(g)
+        apply_delta_(model, stepped, self.lr, partial=True)
 
     def reset(self) -> None:
         """Drop the momentum."""
@@ -88,18 +91,18 @@ class FedAdam:
 
     def step_(self, model: MutableMapping[str, Tensor], pseudo_grad: Tensors) -> None:
         """Update both moments from `g` and take the adaptive step."""
-        folded_pairs(model, pseudo_grad)  # check keys and shapes before the moments move
+        folded_pairs(model, pseudo_grad, partial=True)  # check before the moments move
         if self._m is None or self._v is None:
             self._m = zeros_like(model)
             self._v = {name: torch.full_like(t, self.tau**2) for name, t in self._m.items()}
         step: dict[str, Tensor] = {}
-        for name, m, g in folded_pairs(self._m, pseudo_grad):
+        for name, m, g in folded_pairs(self._m, pseudo_grad, partial=True):
             g_acc = g.to(accumulation_dtype(g.dtype))
             v = self._v[name]
             m.mul_(self.beta1).add_(g_acc, alpha=1.0 - self.beta1)
             self._second_moment_(v, g_acc)
             step[name] = m / (v.sqrt() + self.tau)
-        apply_delta_(model, step, self.lr)
+        apply_delta_(model, step, self.lr, partial=True)
 
     def reset(self) -> None:
         """Drop both moments."""

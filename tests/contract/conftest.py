@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from infra.amqp_broker import AmqpBroker
+from infra.amqp_broker import AmqpBroker, broker_user
 from infra.memory_broker import MemoryBroker
 from infra.protocols import Broker
 from tests.conftest import AMQP_URL
@@ -17,7 +17,8 @@ async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
     """A fresh broker of each kind (RabbitMQ must be running: scripts/services.sh starts it)."""
     backend: Broker
     if request.param == "memory":
-        backend = MemoryBroker()
+        # Plays the same connection user as the real broker's URL.
+        backend = MemoryBroker(user_id=broker_user(AMQP_URL))
     else:
         backend = await AmqpBroker.connect(AMQP_URL, publish_timeout=10.0)
     yield backend

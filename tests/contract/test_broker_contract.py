@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
+from infra.amqp_broker import broker_user
 from infra.errors import BackendUnavailable, JobNotFound, PublishError
 from infra.memory_broker import MemoryBroker
 from infra.protocols import Broker, DeadLetter, Delivery
 from schemas import UpdateHeader
+from tests.conftest import AMQP_URL
 
 pytestmark = pytest.mark.contract
 
@@ -125,6 +127,22 @@ async def test_headers_body_and_id_round_trip(broker: Broker, job: str) -> None:
     assert isinstance(delivery.headers["train_metrics"], dict)
     received = UpdateHeader.model_validate(as_text(update_fields(delivery.headers)))
     assert received == header
+
+
+async def test_every_delivery_carries_the_publishing_user(broker: Broker, job: str) -> None:
+    # arrange: one update, and one raw message
+    await publish(broker, job)
+    await broker.publish_raw(job, b"raw", headers={}, message_id=str(uuid.uuid4()))
+    deliveries = broker.consume(job, prefetch=2, idle_timeout=0.5)
+
+    # act
+    received = await take(deliveries, 2)
+    for delivery in received:
+        await delivery.ack()
+
+    # assert: the user the broker authenticated (RabbitMQ refuses any other user_id)
+    assert [d.user_id for d in received] == [broker_user(AMQP_URL)] * 2
+    assert await rest(deliveries) == []
 
 
 async def test_unacked_message_comes_back_redelivered_after_consumer_stops(

@@ -170,7 +170,7 @@ async def test_delete_job_removes_every_key(store: ModelStore, backend: str) -> 
     # arrange: touch every kind of key the job has
     await create(store)
     await commit_next(store, 1.0, contributors=2)
-    await store.put_blob(str(uuid.uuid4()), b"payload", ttl_seconds=60)
+    await store.put_blob("dev-a", str(uuid.uuid4()), b"payload", ttl_seconds=60)
     await store.record_eval(1, {"accuracy": 0.5})
     await store.count_rejection("wrong_shape")
     await store.claim_device_index("dev-a")
@@ -316,21 +316,23 @@ async def test_latest_is_consistent_while_commits_race(store: ModelStore) -> Non
 async def test_blobs_put_get_delete(store: ModelStore) -> None:
     a, b = str(uuid.uuid4()), str(uuid.uuid4())
     payload = bytearray(b"update bytes")
-    await store.put_blob(a, bytes(payload), ttl_seconds=60)
-    await store.put_blob(b, b"other", ttl_seconds=60)
-    assert await store.get_blob(a) == b"update bytes"
-    await store.delete_blobs([a, str(uuid.uuid4())])
+    await store.put_blob("dev-a", a, bytes(payload), ttl_seconds=60)
+    await store.put_blob("dev-a", b, b"other", ttl_seconds=60)
+    assert await store.get_blob("dev-a", a) == b"update bytes"
+    # A blob is its device's: the same update id under another device is not it.
+    assert await store.get_blob("dev-b", a) is None
+    await store.delete_blobs([("dev-b", b), ("dev-a", a), ("dev-a", str(uuid.uuid4()))])
     await store.delete_blobs([])
-    assert await store.get_blob(a) is None
-    assert await store.get_blob(b) == b"other"
+    assert await store.get_blob("dev-a", a) is None
+    assert await store.get_blob("dev-a", b) == b"other"
 
 
 async def test_blob_expires_after_its_ttl(store: ModelStore) -> None:
     update_id = str(uuid.uuid4())
-    await store.put_blob(update_id, b"short-lived", ttl_seconds=1)
-    assert await store.get_blob(update_id) == b"short-lived"
+    await store.put_blob("dev-a", update_id, b"short-lived", ttl_seconds=1)
+    assert await store.get_blob("dev-a", update_id) == b"short-lived"
     await asyncio.sleep(1.2)
-    assert await store.get_blob(update_id) is None
+    assert await store.get_blob("dev-a", update_id) is None
 
 
 # -- evaluations, counters and devices -------------------------------------------------

@@ -187,7 +187,7 @@ async def test_every_bad_input_is_dead_lettered_with_its_reason(kind: str, job_i
             if name.startswith("blob_"):
                 stored = encode(delta(9.0)) if name == "blob_mismatch" else None
                 if stored is not None:
-                    await backends.store.put_blob(update_id, stored, 60)
+                    await backends.store.put_blob("dev-0", update_id, stored, 60)
                 body = b""
             await backends.broker.publish_raw(job_id, body, headers=headers, message_id=update_id)
             expected[update_id] = reason
@@ -212,14 +212,14 @@ async def test_large_update_goes_by_claim_check_and_its_blob_is_removed(
     async with job_backends(kind, job_id, strategy) as backends:
         # Arrange: the job's inline limit is 64 bytes, so any real update is a blob
         headers, body, update_id = _as_blob(update(job_id, delta(2.0)))
-        await backends.store.put_blob(update_id, body, 60)
+        await backends.store.put_blob("dev-0", update_id, body, 60)
         await backends.broker.publish_raw(job_id, b"", headers=headers, message_id=update_id)
         # Act
         await _drain(backends)
         # Assert
         assert await backends.store.current_version() == 1
         torch.testing.assert_close((await _model(backends, 1))["w"], INITIAL["w"] + 2.0)
-        assert await backends.store.get_blob(update_id) is None
+        assert await backends.store.get_blob("dev-0", update_id) is None
 
 
 @pytest.mark.parametrize("kind", BACKENDS)

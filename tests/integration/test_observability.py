@@ -1,7 +1,8 @@
 """Metrics and probes: an aggregator's /metrics after real traffic, and /readyz flipping.
 
-The readiness flip uses in-process doubles whose link can be cut, not a stopped RabbitMQ or
-Redis: the real services are shared with every other test running at the same time.
+The readiness flip here uses in-process doubles whose link can be cut: the real services are
+shared with every other test running at the same time. test_readiness_flip.py stops and
+starts a private RabbitMQ node under a running aggregator instead.
 """
 
 from __future__ import annotations

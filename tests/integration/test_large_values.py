@@ -1,0 +1,129 @@
+"""Chunked Redis values on the real Redis: blobs and models over one chunk, TTLs, deadlines."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from infra.errors import BackendUnavailable
+from infra.keys import JobKeys
+from infra.redis_store import RedisModelStore
+from infra.redis_values import ValueIO
+from schemas import JobConfig, VersionMeta
+from schemas.codec import sha256_hex
+from tests.conftest import REDIS_URL
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+CHUNK = 1024
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aioredis.Redis]:
+    redis_client = aioredis.Redis.from_url(REDIS_URL, decode_responses=False)
+    yield redis_client
+    await redis_client.aclose()
+
+
+@pytest.fixture
+async def store(client: aioredis.Redis, job_id: str) -> AsyncIterator[RedisModelStore]:
+    redis_store = RedisModelStore(client, job_id, values=ValueIO(client, chunk_bytes=CHUNK))
+    yield redis_store
+    await redis_store.delete_job()
+
+
+def _meta(version: int, model: bytes | bytearray, contributors: int = 0) -> VersionMeta:
+    return VersionMeta(
+        version=version, created_at=time.time(), sha256=sha256_hex(model), model_bytes=len(model)
+    )
+
+
+async def _keys(client: aioredis.Redis, job: str) -> set[bytes]:
+    return {key async for key in client.scan_iter(match=JobKeys(job).pattern)}
+
+
+@pytest.mark.parametrize("size", [0, CHUNK, CHUNK + 1, 10 * CHUNK + 7])
+async def test_a_blob_of_any_size_round_trips_with_its_ttl(
+    store: RedisModelStore, client: aioredis.Redis, job_id: str, size: int
+) -> None:
+    # Arrange
+    data = bytearray(os.urandom(size))
+    key = JobKeys(job_id).blob("dev-0", "u1")
+    # Act
+    await store.put_blob("dev-0", "u1", data, ttl_seconds=100)
+    back = await store.get_blob("dev-0", "u1")
+    # Assert: chunked beyond one chunk, one key either way, expiring, nothing else left
+    assert back == data
+    assert await client.type(key) == (b"hash" if size > CHUNK else b"string")
+    assert 90 <= await client.ttl(key) <= 100
+    assert await _keys(client, job_id) == {key.encode()}
+    await store.delete_blobs([("dev-0", "u1")])
+    assert await store.get_blob("dev-0", "u1") is None
+    assert await _keys(client, job_id) == set()
+
+
+async def test_chunked_models_commit_prune_and_delete_as_one_key(
+    store: RedisModelStore, client: aioredis.Redis, job_id: str
+) -> None:
+    # Arrange: models of five chunks, two versions kept
+    models = [bytearray(os.urandom(5 * CHUNK)) for _ in range(4)]
+    config = JobConfig(
+        job=job_id,
+        task="tiny",
+        model_schema={"w": {"shape": (1,), "dtype": "float32"}},
+        keep_versions=2,
+        strategy={"max_staleness": 0},
+        created_at=time.time(),
+    )
+    await store.create_job(config, models[0], _meta(0, models[0]))
+    # Act
+    for version in range(1, 4):
+        await store.commit(version - 1, models[version], _meta(version, models[version]))
+    # Assert: the latest two are there, byte for byte; the older ones and every
+    # temporary or partial key are gone
+    assert await store.latest() == (3, models[3])
+    assert await store.get_model(2) == models[2]
+    assert await store.get_model(1) is None
+    keys = JobKeys(job_id)
+    model_keys = {k for k in await _keys(client, job_id) if b":model:" in k}
+    assert model_keys == {keys.model(2).encode(), keys.model(3).encode()}
+    assert await client.ttl(keys.model(3)) == -1
+    await store.delete_job()
+    assert await _keys(client, job_id) == set()
+
+
+async def test_a_transfer_over_its_deadline_is_unavailable_and_leaves_no_value(
+    client: aioredis.Redis, job_id: str
+) -> None:
+    # Arrange: 8 MiB at an assumed 1 GB/s with no fixed allowance: an 8 ms deadline
+    io = ValueIO(client, chunk_bytes=CHUNK, base_seconds=0.0, bytes_per_second=1e9)
+    key = JobKeys(job_id).blob("dev-0", "late")
+    # Act / Assert
+    with pytest.raises(RedisTimeoutError, match="deadline"):
+        await io.write(key, bytearray(8 * 2**20), ex=60)
+    assert not await client.exists(key)
+    # What the cut-off writer left is a partial key that expires by itself.
+    leftovers = [k async for k in client.scan_iter(match=f"{key}:partial:*")]
+    for leftover in leftovers:
+        assert 0 < await client.ttl(leftover) <= 3600
+    if leftovers:
+        await client.unlink(*leftovers)
+
+
+async def test_the_store_reports_a_late_transfer_as_unavailable(
+    client: aioredis.Redis, job_id: str
+) -> None:
+    # Arrange
+    late = ValueIO(client, base_seconds=0.0, bytes_per_second=1e9)
+    store = RedisModelStore(client, job_id, values=late)
+    try:
+        # Act / Assert
+        with pytest.raises(BackendUnavailable, match="deadline"):
+            await store.put_blob("dev-0", "late", bytearray(64 * 2**20), ttl_seconds=60)
+    finally:
+        await store.delete_job()
