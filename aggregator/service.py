@@ -281,9 +281,7 @@ class Aggregator:
         return False
 
     async def _blob(self, header: UpdateHeader) -> ByteBuffer:
-        blob = await self._retry(
-            lambda: self.store.get_blob(header.device_id, header.update_id)
-        )
+        blob = await self._retry(lambda: self.store.get_blob(header.device_id, header.update_id))
         if blob is None:
             raise Rejection(RejectReason.BLOB_MISSING, f"no claim-check blob {header.update_id}")
         self.metrics.received_bytes.inc(len(blob))

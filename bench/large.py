@@ -7,7 +7,7 @@ under `python -m aggregator` in a child process, as deployed. The figure is the 
 the store reports the new version: the aggregator's GET of the blob, decode and validation,
 the fold, the encode and the commit (SET + Lua) in between. The baseline is a plain SET and
 GET of the same bytes on the same Redis from this process. Peak RSS is the aggregator
-child's (getrusage of children) and this sender's. Every key is deleted afterwards.
+child's (VmHWM, the largest over the runs) and this sender's. Every key is deleted afterwards.
 """
 
 from __future__ import annotations
@@ -58,8 +58,13 @@ def parse_args() -> argparse.Namespace:
 
 
 @contextlib.asynccontextmanager
-async def aggregator_process(bench: BenchJob, log: Path) -> AsyncIterator[None]:
-    """Run `python -m aggregator` for the job until the block ends (SIGTERM), then reap it."""
+async def aggregator_process(bench: BenchJob, log: Path) -> AsyncIterator[list[int]]:
+    """Run `python -m aggregator` for the job until the block ends (SIGTERM), then reap it.
+
+    The yielded list receives the child's peak RSS in bytes (VmHWM) just before it stops:
+    getrusage's figure for children would count the pages it shared with this process
+    between fork and exec.
+    """
     env = {
         **os.environ,
         "FEDQ_JOB": bench.job,
@@ -78,28 +83,38 @@ async def aggregator_process(bench: BenchJob, log: Path) -> AsyncIterator[None]:
                     output = await asyncio.to_thread(log.read_text)
                     raise RuntimeError(f"the aggregator exited: {output[-2000:]}")
                 await asyncio.sleep(0.2)
-        yield
+        peak: list[int] = []
+        yield peak
+        peak.append(peak_rss_bytes(process.pid))
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
         await process.wait()
 
 
-async def pipeline_seconds(size: int, workdir: Path) -> float:
-    """Return the seconds from send_update to the committed version for one `size` update."""
+def peak_rss_bytes(pid: int) -> int:
+    """Read a live process's peak resident set size from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+async def pipeline_seconds(size: int, workdir: Path) -> tuple[float, int]:
+    """Return the seconds from send_update to the committed version, and the child's peak RSS."""
     model = synthetic_model(size)
     async with bench_job("large", model, fedbuff(1)) as bench:
         del model
         payload = encode(synthetic_model(size, seed=1))
         header = update_header(bench.config, payload, sha256_hex(payload), base_version=0)
-        async with aggregator_process(bench, workdir / f"{bench.job}.log"):
+        async with aggregator_process(bench, workdir / f"{bench.job}.log") as peak:
             started = time.perf_counter()
             await send_update(bench.broker, bench.store, bench.config, header, payload)
             version = await bench.store.wait_for_version(after=0, timeout=RUN_TIMEOUT)
             elapsed = time.perf_counter() - started
         if version < 1:
             raise RuntimeError(f"no version committed within {RUN_TIMEOUT}s")
-        return elapsed
+        return elapsed, peak[0]
 
 
 async def redis_seconds(size: int) -> float:
@@ -127,9 +142,12 @@ def main() -> None:
     size = 50_000_000 if args.quick else args.bytes
     ours: list[float] = []
     base: list[float] = []
+    peaks: list[int] = []
     with tempfile.TemporaryDirectory(prefix="fedq-bench-large-") as workdir:
         for run in range(args.repeats):
-            ours.append(asyncio.run(pipeline_seconds(size, Path(workdir))))
+            seconds, peak = asyncio.run(pipeline_seconds(size, Path(workdir)))
+            ours.append(seconds)
+            peaks.append(peak)
             base.append(asyncio.run(redis_seconds(size)))
             print(
                 f"large run {run + 1}: publish to version {ours[-1]:.2f} s, "
@@ -137,8 +155,8 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
-    # ru_maxrss is in KiB on Linux; the children's figure is the largest child's peak.
-    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    child_rss = max(peaks) / 2**30
+    # ru_maxrss is in KiB on Linux.
     own_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     summary = Summary(
         name="large",

@@ -119,7 +119,12 @@ class InclusionWatcher:
     async def run(self) -> None:
         """Read each new version's meta and resolve its contributors' futures."""
         while True:
-            current = await self.bench.store.wait_for_version(after=self.version, timeout=1.0)
+            # Polled rather than `wait_for_version` (XREAD BLOCK): in these runs that call
+            # now and then did not return before the client's 120 s socket timeout.
+            current = await self.bench.store.current_version()
+            if current == self.version:
+                await asyncio.sleep(POLL_SECONDS)
+                continue
             for version in range(self.version + 1, current + 1):
                 meta = await self.bench.store.get_meta(version)
                 assert meta is not None, f"version {version} has no meta"

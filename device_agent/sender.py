@@ -67,9 +67,7 @@ async def send_update(
     the same bytes and the aggregator applies one update id at most once.
     """
     if header.payload == "blob":
-        await store.put_blob(
-            header.device_id, header.update_id, payload, config.blob_ttl_seconds
-        )
+        await store.put_blob(header.device_id, header.update_id, payload, config.blob_ttl_seconds)
         await broker.publish(header, b"")
     else:
         # Inline payloads are small (under the job's inline limit): the copy is cheap.

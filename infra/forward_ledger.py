@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from infra.errors import BackendUnavailable
 from infra.keys import JobKeys
+from infra.redis_client import redis_client
 
 T = TypeVar("T")
 
@@ -58,7 +59,8 @@ class RedisForwardLedger:
     @classmethod
     def from_url(cls, url: str, job: str, *, timeout: float = 30.0) -> RedisForwardLedger:
         """Connect to `url`; the values are small, so the timeouts are a cache's."""
-        client = aioredis.Redis.from_url(
+        # Through redis_client, so an edge job takes the same URLs (Sentinel too) as the store.
+        client = redis_client(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=min(timeout, 10.0),

@@ -14,7 +14,6 @@ import urllib.error
 import urllib.request
 from urllib.parse import quote, unquote, urlsplit
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -28,6 +27,7 @@ from infra.access import (
     redis_setuser_args,
 )
 from infra.errors import BackendUnavailable
+from infra.redis_client import redis_client
 
 RABBITMQCTL_TIMEOUT = 60.0
 
@@ -47,7 +47,7 @@ async def delete_redis_user(admin_url: str, user: str) -> None:
 
 
 async def _redis_admin(admin_url: str, args: list[str]) -> None:
-    client = aioredis.Redis.from_url(admin_url, socket_timeout=10.0)
+    client = redis_client(admin_url, socket_timeout=10.0)
     try:
         await client.execute_command(*args)  # type: ignore[no-untyped-call]
     except ResponseError as exc:

@@ -35,6 +35,7 @@ def _accepted_schema(version: int) -> int:
         raise ValueError(f"schema_version {version} is not one of {sorted(accepted)}")
     return version
 
+
 # Identifiers double as AMQP routing keys and Redis key parts: keep them to a safe alphabet.
 JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 DeviceId = Annotated[

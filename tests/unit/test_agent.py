@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -16,11 +18,11 @@ pytestmark = pytest.mark.unit
 JOB = "agent-test"
 
 
-async def _agent(training: TrainingConfig) -> DeviceAgent:
+async def _agent(training: TrainingConfig, **options: Any) -> DeviceAgent:
     broker, store = MemoryBroker(), MemoryModelStore(MemoryStoreHub(), JOB)
     config, model, meta = initial_job(JOB, "digits-mlp", StrategyConfig(), training)
     await create_job(store, broker, config, model, meta)
-    return DeviceAgent(device_id="dev-a", broker=broker, store=store, device_index=1)
+    return DeviceAgent(device_id="dev-a", broker=broker, store=store, device_index=1, **options)
 
 
 async def _published(agent: DeviceAgent) -> list[tuple[UpdateHeader, bytes]]:
@@ -63,3 +65,30 @@ async def test_a_diverged_round_publishes_nothing() -> None:
     # Assert
     assert await _published(agent) == []
     assert agent.sent == 0
+
+
+async def test_a_trainable_only_agent_sends_a_partial_update_of_its_trainable_keys() -> None:
+    # Arrange: the hidden layer is a frozen backbone (as a task with one would build it)
+    agent = await _agent(TrainingConfig(num_devices=4, local_epochs=1), trainable_only=True)
+    async with agent:
+        for parameter in agent.model.hidden.parameters():
+            parameter.requires_grad_(False)
+        agent.sent_keys = agent._choose_keys()
+        version, start_bytes = await agent.store.latest()
+        # Act
+        await agent.train_and_publish(version, start_bytes)
+    [(header, body)] = await _published(agent)
+    # Assert: only out.* travel, flagged partial
+    assert header.keys == "partial"
+    assert set(decode(body)) == {"out.weight", "out.bias"}
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"), [(["nope"], "not in the job's model"), ([], "no parameter")]
+)
+async def test_send_keys_must_name_model_keys(keys: list[str], message: str) -> None:
+    # Arrange
+    agent = await _agent(TrainingConfig(num_devices=4), send_keys=keys)
+    # Act / Assert
+    with pytest.raises(ValueError, match=message):
+        await agent.__aenter__()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.codecs import Record, mean_std, paired_points, summary_rows, table
+from bench.codecs import Record, mean_std, paired_points, summary_rows, table, verdict
 
 pytestmark = pytest.mark.unit
 
@@ -63,10 +63,26 @@ def test_summary_rows_pair_each_codec_with_none_seed_by_seed() -> None:
     assert rows["topk:0.01"].accuracy[0] == pytest.approx(0.775)
 
 
-def test_the_table_says_which_goal_is_met() -> None:
+@pytest.mark.parametrize(
+    ("diffs", "expected"),
+    [
+        ([0.1, -0.1, 0.0], "met"),
+        ([-5.0, -5.2, -4.9], "missed"),
+        ([1.0, -2.0, 0.5], "open: 95% CI -4.2 .. +3.8"),
+        ([-1.0], "one seed: open"),
+    ],
+)
+def test_verdict_needs_the_whole_95_percent_interval_on_one_side(
+    diffs: list[float], expected: str
+) -> None:
+    # Act / assert: the goal is "no more than 0.5 points below none"
+    assert verdict(diffs, 0.5) == expected
+
+
+def test_the_table_judges_each_goal_on_final_and_tail() -> None:
     # Act
     lines = table(summary_rows(RECORDS, ["none", "int8", "topk:0.01"])).splitlines()
 
-    # Assert: int8's mean difference 0.0 is within 0.5; top-k's -5.0 misses 2
-    assert "| int8 |" in lines[3] and "(met)" in lines[3]
-    assert "| topk:0.01 |" in lines[4] and "(missed)" in lines[4]
+    # Assert: int8's two seeds straddle the goal; top-k has one paired seed only
+    assert "| int8 |" in lines[3] and ">= -0.5: open: 95% CI" in lines[3]
+    assert "| topk:0.01 |" in lines[4] and ">= -2.0: one seed: open / one seed: open" in lines[4]
