@@ -9,6 +9,7 @@ Redis turns those redeliveries into no-ops.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,7 @@ from aggregator.validation import (
 )
 from infra.errors import BackendUnavailable, VersionConflict
 from infra.logs import bind, log_context
-from infra.protocols import Broker, Delivery, ModelStore
+from infra.protocols import Broker, Delivery, DeliveryStream, ModelStore
 from infra.retry import retry_unavailable
 from schemas import JobConfig, Rejection, RejectReason, UpdateHeader, VersionMeta
 from schemas.codec import decode, decode_validated, encode_buffer, sha256_hex
@@ -99,6 +100,10 @@ class Aggregator:
         self._pending: dict[str, Delivery] = {}
         self._pending_bytes: dict[str, int] = {}
         self._base_cache: dict[int, Model] = {}
+        # `applied` flags of the deliveries at hand, read in one SMISMEMBER; only valid while
+        # the version is `_hint_version`, since a commit adds its contributors to the set.
+        self._applied_hint: dict[str, bool] = {}
+        self._hint_version = -1
         self.metrics.buffered.set_function(lambda: len(self._pending))
         self.metrics.consuming.set_function(lambda: float(self.consuming))
         self.config: JobConfig
@@ -168,25 +173,49 @@ class Aggregator:
         deliveries = self.broker.consume(
             self.job, prefetch=self.prefetch, idle_timeout=self._idle_timeout
         )
+        # Read ahead into a local queue, so the deliveries already prefetched can be taken
+        # together and checked against `applied` in one round trip instead of one each.
+        inbox: asyncio.Queue[Delivery | _End] = asyncio.Queue()
+        reader = asyncio.ensure_future(_read_into(deliveries, inbox))
         stop_wait = asyncio.ensure_future(self._stopping.wait())
         self.consuming = True
         try:
             while not self._stopping.is_set():
-                next_delivery = asyncio.ensure_future(anext(deliveries))
-                await asyncio.wait({next_delivery, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if not next_delivery.done():
-                    next_delivery.cancel()
+                first = asyncio.ensure_future(inbox.get())
+                await asyncio.wait({first, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not first.done():
+                    first.cancel()
                     break
-                try:
-                    delivery = next_delivery.result()
-                except StopAsyncIteration:
+                items = [first.result()]
+                while not inbox.empty():
+                    items.append(inbox.get_nowait())
+                await self.handle_batch([d for d in items if not isinstance(d, _End)])
+                ends = [d for d in items if isinstance(d, _End)]
+                if ends:
+                    if ends[0].error is not None:
+                        raise ends[0].error
                     break
-                await self.handle(delivery)
         finally:
             self.consuming = False
             stop_wait.cancel()
+            # Deliveries still in the inbox are unacked: closing the stream gives them back.
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
             await deliveries.aclose()
         return self.stats
+
+    async def handle_batch(self, batch: list[Delivery]) -> None:
+        """Handle deliveries in order, reading their `applied` flags together."""
+        while batch and not self._stopping.is_set():
+            ids = [_raw_update_id(delivery) for delivery in batch]
+            known = [i for i in ids if i is not None]
+            flags = await self._retry(functools.partial(self.store.applied, known))
+            self._applied_hint = dict(zip(known, flags, strict=True))
+            self._hint_version = self.version
+            # A commit makes the flags stale: read them again for the rest of the batch.
+            while batch and self.version == self._hint_version and not self._stopping.is_set():
+                await self.handle(batch.pop(0))
+        self._applied_hint = {}
 
     async def handle(self, delivery: Delivery) -> None:
         """Process one delivery to its end: applied, buffered, skipped or dead-lettered."""
@@ -224,33 +253,55 @@ class Aggregator:
             raise Rejection(*verdict)
         check_sizes(header, delivery.body, self.config)
         payload = delivery.body if header.payload == "inline" else await self._blob(header)
+        if self._sink is None and not self._needs_base(header):
+            # The common case needs nothing more from Redis: hash, decode and fold in one
+            # thread-pool hop, which keeps the payload's sha256 off the event loop too.
+            def decode_and_add() -> list[Receipt] | None:
+                tensors = self._checked_tensors(header, payload)
+                return self._timed_add(self._make_contribution(header, tensors))
+
+            receipts = await self._add(header, delivery, decode_and_add)
+        else:
+            tensors = await asyncio.to_thread(self._checked_tensors, header, payload)
+            contribution = await self._contribution(header, tensors)
+            if self._sink is not None:
+                await self._sink(header, delivery, contribution)
+                return
+            if self.strategy.needs_base_model and self.version not in self._base_cache:
+                # `add` changes the model in place; later stale updates still need this version.
+                self._remember_base(self.version, {k: v.clone() for k, v in self.model.items()})
+            receipts = await self._add(header, delivery, lambda: self._timed_add(contribution))
+        if receipts is not None:
+            with self.metrics.commit_seconds.time():
+                await self._commit(receipts)
+
+    def _needs_base(self, header: UpdateHeader) -> bool:
+        return self.strategy.needs_base_model or header.kind == "weights"
+
+    def _checked_tensors(self, header: UpdateHeader, payload: ByteBuffer) -> Model:
+        """Check the payload's size and hash, then decode and validate it (in a thread)."""
         check_payload(header, payload)
-        tensors = await asyncio.to_thread(
-            decode_validated,
-            payload,
-            self.config.model_schema,
-            header.codec,
-            partial=header.keys == "partial",
+        return decode_validated(
+            payload, self.config.model_schema, header.codec, partial=header.keys == "partial"
         )
-        contribution = await self._contribution(header, tensors)
-        if self._sink is not None:
-            await self._sink(header, delivery, contribution)
-            return
-        if self.strategy.needs_base_model and self.version not in self._base_cache:
-            # `add` changes the model in place; later stale updates still need this version.
-            self._remember_base(self.version, {k: v.clone() for k, v in self.model.items()})
+
+    async def _add(
+        self, header: UpdateHeader, delivery: Delivery, add: Callable[[], list[Receipt] | None]
+    ) -> list[Receipt] | None:
+        """Run `add` (which folds the update) in a thread, holding the delivery meanwhile."""
         self._pending[header.update_id] = delivery
         self._pending_bytes[header.update_id] = header.payload_bytes
         try:
-            with self.metrics.fold_seconds.time():
-                receipts = await asyncio.to_thread(self.strategy.add, self.model, contribution)
+            return await asyncio.to_thread(add)
         except BaseException:
             del self._pending[header.update_id]
             del self._pending_bytes[header.update_id]
             raise
-        if receipts is not None:
-            with self.metrics.commit_seconds.time():
-                await self._commit(receipts)
+
+    def _timed_add(self, contribution: Contribution) -> list[Receipt] | None:
+        """Fold a contribution into the model (in a thread), timing the fold alone."""
+        with self.metrics.fold_seconds.time():
+            return self.strategy.add(self.model, contribution)
 
     async def _authenticate(self, header: UpdateHeader) -> None:
         """Refuse an update not signed by its device's registered key, if the job says so."""
@@ -262,7 +313,9 @@ class Aggregator:
         check_signature(header, public_key)
 
     async def _is_duplicate(self, update_id: str, delivery: Delivery) -> bool:
-        [already_applied] = await self._retry(lambda: self.store.applied([update_id]))
+        already_applied = self._applied_hint.get(update_id)
+        if already_applied is None or self._hint_version != self.version:
+            [already_applied] = await self._retry(lambda: self.store.applied([update_id]))
         if already_applied:
             self.stats.duplicates += 1
             self.metrics.duplicates.inc()
@@ -288,9 +341,12 @@ class Aggregator:
         return blob
 
     async def _contribution(self, header: UpdateHeader, tensors: Model) -> Contribution:
-        base = None
-        if self.strategy.needs_base_model or header.kind == "weights":
-            base = await self._base_model(header.base_version)
+        base = await self._base_model(header.base_version) if self._needs_base(header) else None
+        return self._make_contribution(header, tensors, base)
+
+    def _make_contribution(
+        self, header: UpdateHeader, tensors: Model, base: Model | None = None
+    ) -> Contribution:
         delta = tensors
         if header.kind == "weights":
             assert base is not None
@@ -364,13 +420,17 @@ class Aggregator:
             meta.staleness,
             extra={"contributors": meta.contributors, "staleness": meta.staleness},
         )
+        deliveries = [self._pending.pop(r.update_id) for r in receipts]
         for receipt in receipts:
-            delivery = self._pending.pop(receipt.update_id)
             self._pending_bytes.pop(receipt.update_id, None)
-            await _settle(delivery.ack())
+        # Acks, then the blobs and the announcement, each group at once rather than one by
+        # one: the version is durable, so their order within a group does not matter.
+        await asyncio.gather(*(_settle(delivery.ack()) for delivery in deliveries))
         blobs = list(zip(meta.devices, meta.contributors, strict=True))
-        await self._retry(lambda: self.store.delete_blobs(blobs))
-        await self.broker.announce_version(self.job, new_version)
+        await asyncio.gather(
+            self._retry(lambda: self.store.delete_blobs(blobs)),
+            self.broker.announce_version(self.job, new_version),
+        )
 
     def _count_commit(self, meta: VersionMeta) -> None:
         self.metrics.version.set(meta.version)
@@ -401,6 +461,32 @@ class Aggregator:
         return await retry_unavailable(
             operation, first_delay=self._retry_seconds, give_up=self._stopping
         )
+
+
+@dataclass(frozen=True)
+class _End:
+    """The delivery stream ended: exhausted (error None) or failed with `error`."""
+
+    error: BaseException | None = None
+
+
+async def _read_into(deliveries: DeliveryStream, inbox: asyncio.Queue[Delivery | _End]) -> None:
+    """Move deliveries into `inbox` as they come, then an `_End`."""
+    try:
+        async for delivery in deliveries:
+            inbox.put_nowait(delivery)
+    except Exception as exc:  # handed to the loop, which raises it after what came before
+        inbox.put_nowait(_End(exc))
+    else:
+        inbox.put_nowait(_End())
+
+
+def _raw_update_id(delivery: Delivery) -> str | None:
+    """Return the update id the headers claim (validated later), if it is a string."""
+    update_id = delivery.headers.get("update_id")
+    if isinstance(update_id, bytes):
+        update_id = update_id.decode("utf-8", "replace")
+    return update_id if isinstance(update_id, str) and len(update_id) <= 64 else None
 
 
 async def _settle(settling: Awaitable[None]) -> None:

@@ -29,7 +29,13 @@ from pamqp import encode as amqp_encode
 from pamqp.commands import Basic
 
 from infra import keys
-from infra.errors import AccessDenied, BackendUnavailable, JobNotFound, PublishError
+from infra.errors import (
+    AccessDenied,
+    BackendUnavailable,
+    JobNotFound,
+    PublishError,
+    PublishUnconfirmed,
+)
 from infra.protocols import DETAIL_HEADER, REASON_HEADER, DeadLetter, Delivery
 from schemas import UpdateHeader
 
@@ -43,6 +49,9 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_KEY_BYTES = 128
 ANNOUNCE_TIMEOUT = 5.0
 RECONNECT_POLL = 0.1
+# Backoff between republishes of a nacked or unconfirmed message, within the publish deadline.
+REPUBLISH_FIRST_DELAY = 0.1
+REPUBLISH_MAX_DELAY = 2.0
 
 # The link to the broker is down or the channel/delivery it belongs to is gone: worth a retry.
 _LINK_ERRORS: tuple[type[BaseException], ...] = (
@@ -175,10 +184,12 @@ def _backend_errors(what: str) -> Iterator[None]:
 class AmqpBroker:
     """The Broker on RabbitMQ: one robust connection, one confirming publisher channel.
 
-    `publish` waits at most `timeout` for each confirm (PublishError if none comes); across a
+    `publish` waits at most `timeout` for each confirm; across a nack, a missing confirm or a
     lost connection it republishes the same message until max(timeout, publish_timeout) has
-    passed since the call began, then raises BackendUnavailable. Other operations are bounded
-    by `publish_timeout` too, since a robust channel waits for the connection without limit.
+    passed since the call began, then raises BackendUnavailable (PublishUnconfirmed for a nack
+    or a missing confirm); an unroutable or refused message is a PublishError at once. Other
+    operations are bounded by `publish_timeout` too, since a robust channel waits for the
+    connection without limit.
     """
 
     def __init__(
@@ -322,6 +333,7 @@ class AmqpBroker:
         deadline = loop.time() + max(timeout, self.publish_timeout)
         target = await self._channel.get_exchange(exchange, ensure=False)
         what = f"message {message.message_id} to {exchange}/{routing_key}"
+        unconfirmed = 0
         while True:
             if self._closed:
                 raise BackendUnavailable("the broker connection is closed")
@@ -330,10 +342,10 @@ class AmqpBroker:
                 return
             except aiormq.exceptions.PublishError as exc:
                 raise PublishError(f"{what} is unroutable: is the job declared?") from exc
-            except aiormq.exceptions.DeliveryError as exc:
-                raise PublishError(f"{what} was nacked by the broker") from exc
-            except TimeoutError as exc:
-                raise PublishError(f"{what} was not confirmed within {timeout}s") from exc
+            except (aiormq.exceptions.DeliveryError, TimeoutError) as exc:
+                # Worth another try: the same message id dedupes a copy the broker did take.
+                unconfirmed += 1
+                await _before_republish(exc, what, unconfirmed, deadline - loop.time(), timeout)
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
                 raise PublishError(f"{what}: exchange missing: is the job declared?") from exc
             except aiormq.exceptions.ChannelAccessRefused as exc:
@@ -489,6 +501,24 @@ class AmqpBroker:
             consumer.stop()
         with _backend_errors("close the broker connection"):
             await self._connection.close()
+
+
+async def _before_republish(
+    exc: BaseException, what: str, tries: int, remaining: float, timeout: float
+) -> None:
+    """Back off before republishing a nacked or unconfirmed message; past the deadline, raise."""
+    problem = (
+        f"was not confirmed within {timeout}s"
+        if isinstance(exc, TimeoutError)
+        else "was nacked by the broker"
+    )
+    if remaining <= 0:
+        raise PublishUnconfirmed(f"{what} {problem} ({tries} tries)") from exc
+    # A nack comes at once (a full reject-publish queue, a node restarting, a leader election):
+    # back off so the broker has time to recover instead of nacking a tight loop.
+    delay = min(REPUBLISH_FIRST_DELAY * 2 ** (tries - 1), REPUBLISH_MAX_DELAY, remaining)
+    log.warning("%s %s; republishing in %.1fs", what, problem, delay)
+    await asyncio.sleep(delay)
 
 
 def broker_user(url: str) -> str:

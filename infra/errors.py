@@ -20,7 +20,15 @@ class VersionConflict(Exception):
 
 
 class PublishError(Exception):
-    """The broker did not take a message: returned as unroutable, nacked, or timed out."""
+    """The broker refused a message for good: unroutable, access refused, or malformed."""
+
+
+class PublishUnconfirmed(BackendUnavailable):
+    """The broker nacked a message or did not confirm it, republished until the deadline.
+
+    Transient (a node restart, a queue leader election, a full reject-publish queue): the
+    same message may be published again later, its message id dedupes a second copy.
+    """
 
 
 class DeviceExists(Exception):

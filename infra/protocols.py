@@ -124,8 +124,9 @@ class Broker(Protocol):
     async def publish(self, header: UpdateHeader, body: bytes, *, timeout: float = 30.0) -> None:
         """Publish an update persistently and wait for the broker's confirm.
 
-        Raises PublishError if unroutable or nacked; retries across a connection loss with
-        the same message id, so a duplicate at worst, never a loss.
+        Raises PublishError if unroutable or refused; republishes across a nack, a missing
+        confirm or a connection loss with the same message id until the publish deadline (then
+        BackendUnavailable), so a duplicate at worst, never a loss.
         """
         ...
 

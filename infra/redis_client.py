@@ -101,10 +101,22 @@ class _SentinelRedis(aioredis.Redis):
             await manager.aclose()
 
 
-def redis_client(url: str, **options: Any) -> aioredis.Redis:
-    """Return a client for `url` with these connection options (timeouts, retries, ...)."""
+def redis_client(url: str, *, wait_for_pool: bool = False, **options: Any) -> aioredis.Redis:
+    """Return a client for `url` with these connection options (timeouts, retries, ...).
+
+    With `wait_for_pool`, a command finding every pooled connection busy waits for one (up to
+    the socket timeout) instead of failing at once with MaxConnectionsError (plain URLs only:
+    redis-py has no waiting Sentinel pool).
+    """
     if not is_sentinel_url(url):
-        return aioredis.Redis.from_url(url, **options)
+        if not wait_for_pool:
+            return aioredis.Redis.from_url(url, **options)
+        # 100: the size of redis-py's own default pool, which fails past it instead.
+        options.setdefault("max_connections", 100)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, timeout=options.get("socket_timeout"), **options
+        )
+        return aioredis.Redis.from_pool(pool)
     target = parse_sentinel_url(url)
     # Sentinels answer small queries: the short connect timeout, not the big-model one.
     timeout = options.get("socket_connect_timeout", 10.0)

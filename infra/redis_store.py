@@ -34,6 +34,7 @@ from infra.keys import JobKeys
 from infra.protocols import DeviceRecord, DeviceTally, tallies_from_fields
 from infra.redis_client import redis_client
 from infra.redis_values import ValueIO
+from infra.stream_follower import START, Mark, StreamFollower, StreamId
 from schemas import JobConfig, VersionMeta
 from schemas.safetensors_format import ByteBuffer
 
@@ -207,6 +208,8 @@ class RedisModelStore:
         self._owns_client = owns_client
         # Big values (models, blobs) go in chunks under deadlines sized to them: redis_values.
         self._values = values if values is not None else ValueIO(client)
+        # The config never changes while the job exists: read once for every commit's pruning.
+        self._versions_kept: int | None = None
         socket_timeout = kwargs.get("socket_timeout")
         # An XREAD BLOCK longer than the socket timeout would be cut off as a TimeoutError.
         self._max_block = (
@@ -219,12 +222,16 @@ class RedisModelStore:
         self._claim_script = client.register_script(_CLAIM_DEVICE_LUA)
         self._register_device_script = client.register_script(_REGISTER_DEVICE_LUA)
         self._revoke_device_script = client.register_script(_REVOKE_DEVICE_LUA)
+        self._follower = StreamFollower(self._read_versions_after)
 
     @classmethod
     def from_url(cls, url: str, job: str, *, timeout: float = 120.0) -> RedisModelStore:
         """Connect to `url` (redis://, rediss:// or redis+sentinel://) with big-model timeouts."""
         client = redis_client(
             url,
+            # Many coroutines share one store (one process, many agents): past the pool's
+            # size they queue for a connection rather than fail as if Redis were down.
+            wait_for_pool=True,
             decode_responses=False,
             socket_timeout=timeout,
             socket_connect_timeout=min(timeout, 10.0),
@@ -237,6 +244,7 @@ class RedisModelStore:
 
     async def close(self) -> None:
         """Close the client if this store created it (a passed-in client is the caller's)."""
+        await self._follower.close()
         if self._owns_client:
             await self._client.aclose()
 
@@ -279,6 +287,7 @@ class RedisModelStore:
     @_unavailable_on_network_errors
     async def delete_job(self) -> None:
         """Remove every key of the job."""
+        self._versions_kept = None
         batch: list[bytes | str] = []
         async for key in self._client.scan_iter(match=self._keys.pattern, count=1000):
             batch.append(key)
@@ -342,7 +351,9 @@ class RedisModelStore:
         new_version = expected_version + 1
         if meta.version != new_version:
             raise ValueError(f"meta.version {meta.version} != expected_version + 1")
-        kept = (await self.get_config()).versions_kept
+        if self._versions_kept is None:
+            self._versions_kept = (await self.get_config()).versions_kept
+        kept = self._versions_kept
         keys = self._keys
         token = uuid.uuid4().hex
         temp = f"{keys.model(new_version)}:tmp:{token}"
@@ -386,24 +397,30 @@ class RedisModelStore:
     @_unavailable_on_network_errors
     async def wait_for_version(self, after: int, timeout: float) -> int:
         """Return the current version as soon as it exceeds `after`, or when `timeout` ends."""
+        # One XREAD BLOCK per store, however many coroutines wait: stream_follower says why.
+        if self._follower.following:
+            # The read in flight returns any commit after the newest one it knows: no need to
+            # look, which keeps a thousand waiters from costing two commands each.
+            return await self._follower.wait_past(after, None, timeout)
         deadline = time.monotonic() + timeout
-        stream = self._keys.versions_stream
-        # Read the stream's position before the version: a commit in between shows up in XREAD.
-        last_id = await self._last_stream_id()
+        # Read the stream's position before the version: a commit in between comes after it.
+        seen = await self._last_stream_mark()
         current = await self.current_version()
-        while current <= after:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            block_ms = max(1, int(min(remaining, self._max_block) * 1000))
-            reply = await self._client.xread({stream: last_id}, count=100, block=block_ms)
-            last_id = _last_id_in(reply) or last_id
-            current = await self.current_version()
-        return current
+        if current > after:
+            return current
+        newest = await self._follower.wait_past(after, seen, deadline - time.monotonic())
+        return max(current, newest)
 
-    async def _last_stream_id(self) -> bytes | str:
+    async def _read_versions_after(self, last_id: StreamId) -> Mark | None:
+        block_ms = int(self._max_block * 1000)
+        reply = await self._client.xread(
+            {self._keys.versions_stream: last_id}, count=100, block=block_ms
+        )
+        return _last_mark_in(reply)
+
+    async def _last_stream_mark(self) -> Mark:
         entries = await self._client.xrevrange(self._keys.versions_stream, count=1)
-        return cast(bytes, entries[0][0]) if entries else "0-0"
+        return (cast(bytes, entries[0][0]), _entry_version(entries[0])) if entries else START
 
     # -- applied ids -------------------------------------------------------------------
 
@@ -575,12 +592,12 @@ def _entry_version(entry: Any) -> int:
     return int(fields[b"version"])
 
 
-def _last_id_in(reply: Any) -> bytes | str | None:
-    """Return the id of the last entry in an XREAD reply (RESP2 list or RESP3 dict)."""
+def _last_mark_in(reply: Any) -> Mark | None:
+    """Return the id and version of the last entry in an XREAD reply (RESP2 list or RESP3 dict)."""
     if not reply:
         return None
     entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
     if not entries:
         return None
     last_id: bytes | str = entries[-1][0]
-    return last_id
+    return last_id, _entry_version(entries[-1])

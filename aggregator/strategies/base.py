@@ -138,6 +138,9 @@ class WeightedBuffer(ReceiptLedger):
         super().__init__()
         self._sum: dict[str, Tensor] = {}
         self._weight: dict[str, float] = {}
+        # The sums of the last mean taken, reused as the next buffer's sums: a fresh
+        # model-sized allocation costs a page fault per page, more than the arithmetic.
+        self._spare: dict[str, Tensor] = {}
 
     def add(
         self,
@@ -151,17 +154,32 @@ class WeightedBuffer(ReceiptLedger):
         check_carried(model, contribution.delta, partial=contribution.partial)
         # All keys and shapes are checked here, before any sum is touched.
         pairs = folded_pairs(model, contribution.delta, partial=contribution.partial)
+        alpha = weight * factor
         for name, m, d in pairs:
             acc = self._sum.get(name)
             if acc is None:
-                # Created on first sight: an adapter-only job never allocates the backbone.
-                acc = self._sum[name] = torch.zeros_like(m, dtype=accumulation_dtype(m.dtype))
-            acc.add_(d, alpha=weight * factor)
+                # Created on first sight (an adapter-only job never allocates the backbone) as
+                # alpha * delta itself: a zero-filled sum would cost one more pass over memory.
+                self._sum[name] = self._scaled(name, d, accumulation_dtype(m.dtype), alpha)
+            else:
+                acc.add_(d, alpha=alpha)
             self._weight[name] = self._weight.get(name, 0.0) + weight
         self._record(contribution.receipt)
 
+    def _scaled(self, name: str, delta: Tensor, dtype: torch.dtype, alpha: float) -> Tensor:
+        """Return `alpha * delta` in `dtype`, in the spare storage of `name` if it fits."""
+        spare = self._spare.pop(name, None)
+        if spare is None or spare.shape != delta.shape or spare.dtype != dtype:
+            return _scaled_copy(delta, dtype, alpha)
+        if delta.dtype == dtype:
+            return torch.mul(delta, alpha, out=spare)
+        return spare.copy_(delta).mul_(alpha)
+
     def take_mean(self) -> tuple[dict[str, Tensor], list[Receipt]]:
-        """Return each key's sum / its total weight and the receipts, and empty the buffer."""
+        """Return each key's sum / its total weight and the receipts, and empty the buffer.
+
+        The returned tensors are valid until the next `add`, which reuses their storage.
+        """
         if not len(self):
             raise ValueError("the buffer is empty")
         mean = self._sum
@@ -170,6 +188,7 @@ class WeightedBuffer(ReceiptLedger):
             acc.mul_(1.0 / self._weight[name])
         receipts = self._forget_receipts()
         self.clear()
+        self._spare = mean
         return mean, receipts
 
     def take(self) -> tuple[dict[str, Tensor], list[Receipt]]:
@@ -181,3 +200,11 @@ class WeightedBuffer(ReceiptLedger):
         self._sum = {}
         self._weight = {}
         self._forget_receipts()
+
+
+def _scaled_copy(tensor: Tensor, dtype: torch.dtype, alpha: float) -> Tensor:
+    """Return `alpha * tensor` as a new tensor of `dtype`, multiplied in `dtype`."""
+    if tensor.dtype == dtype:
+        return torch.mul(tensor, alpha)
+    # Widen first, so a half-precision delta is scaled at the sum's precision.
+    return tensor.to(dtype).mul_(alpha)

@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,9 @@ async def test_killed_agents_never_leave_a_partial_update(job_id: str, tmp_path:
                 await asyncio.to_thread(agent.wait, 10)
             last = _agent(job_id, log, updates=3)
             assert await asyncio.to_thread(last.wait, 60) == 0, log.read_text()[-3000:]
-            await asyncio.sleep(2.0)
+            # Until the queue is empty and its updates are in, not a fixed sleep: under load
+            # the aggregator can take longer than any.
+            await _folded(broker, store, job_id, at_least=3, seconds=60)
             agg.stop()
             await asyncio.wait_for(running, timeout=20)
         # Assert: only whole updates were folded -- nothing dead-lettered, every version's
@@ -102,3 +105,13 @@ async def test_killed_agents_never_leave_a_partial_update(job_id: str, tmp_path:
         await broker.delete_job(job_id)
         await store.close()
         await broker.close()
+
+
+async def _folded(
+    broker: AmqpBroker, store: RedisModelStore, job: str, *, at_least: int, seconds: float
+) -> None:
+    """Wait until no update is waiting in the job's queue and `at_least` versions exist."""
+    deadline = time.monotonic() + seconds
+    while (await broker.queue_depth(job))[0] or await store.current_version() < at_least:
+        assert time.monotonic() < deadline, f"updates not folded within {seconds}s"
+        await asyncio.sleep(0.2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -32,8 +33,12 @@ STRATEGY = StrategyConfig(
 )
 
 
-def _close_connections(name: str) -> int:
-    """Make RabbitMQ close every connection whose name is `name`; return how many."""
+def _close_connections(name: str, expected: int) -> int:
+    """Make RabbitMQ close the connections named `name` once all `expected` are up; how many.
+
+    Closing as soon as one is back would leave the other's loss untested (and a race: under
+    load the two robust connections come back seconds apart).
+    """
     listing = subprocess.run(
         ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
         capture_output=True,
@@ -42,6 +47,8 @@ def _close_connections(name: str) -> int:
         timeout=30,
     ).stdout
     pids = [line.split("\t")[0] for line in listing.splitlines() if f'"{name}"' in line]
+    if len(pids) < expected:
+        return 0
     for pid in pids:
         subprocess.run(
             ["rabbitmqctl", "-q", "close_connection", pid, "fedq connection-loss test"],
@@ -55,7 +62,7 @@ def _close_connections(name: str) -> int:
 async def _close_when_connected(name: str) -> int:
     """Wait for both robust connections to be back (aio-pika retries every 5 s), then drop them."""
     for _ in range(40):
-        closed = await asyncio.to_thread(_close_connections, name)
+        closed = await asyncio.to_thread(_close_connections, name, 2)
         if closed:
             return closed
         await asyncio.sleep(0.5)
@@ -109,8 +116,10 @@ async def test_forced_connection_loss_loses_and_doubles_nothing(
                 await asyncio.sleep(0.6)
                 closed.append(await _close_when_connected(name))
             await publishing
-            for _ in range(150):
-                if await store.applied_count() == UPDATES:
+            # A deadline, not a count of polls: under load each poll takes longer.
+            deadline = time.monotonic() + 60
+            while await store.applied_count() < UPDATES:
+                if time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.1)
             aggregator.stop()

@@ -90,13 +90,14 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
         redis.kill()
 
 
-async def _version(store: RedisModelStore, at_least: int) -> int:
-    for _ in range(100):
-        version = await store.current_version()
-        if version >= at_least:
-            return version
+async def _version(store: RedisModelStore, at_least: int, seconds: float = 45.0) -> int:
+    # A deadline, not a count of polls: under load each poll (and Redis's restart) is slower.
+    deadline = time.monotonic() + seconds
+    while (version := await store.current_version()) < at_least:
+        if time.monotonic() > deadline:
+            break
         await asyncio.sleep(0.1)
-    return await store.current_version()
+    return version
 
 
 async def test_aggregator_waits_for_redis_and_loses_nothing(

@@ -1,0 +1,81 @@
+"""The batched `applied` check: one round trip per batch, and still every duplicate skipped."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import pytest
+import torch
+
+from aggregator.service import Aggregator
+from infra.protocols import Delivery, ModelStore
+from schemas import StalenessConfig, StrategyConfig
+from schemas.codec import decode
+from tests.integration.helpers import INITIAL, Backends, delta, job_backends, update
+
+pytestmark = pytest.mark.integration
+FEDBUFF_2 = StrategyConfig(
+    name="fedbuff", buffer_size=2, max_staleness=1, staleness=StalenessConfig(name="constant")
+)
+
+
+class CountingStore:
+    """Count the store's `applied` calls; everything else goes to the real store."""
+
+    def __init__(self, store: object) -> None:
+        self._store = store
+        self.applied_calls = 0
+
+    async def applied(self, update_ids: Sequence[str]) -> list[bool]:
+        """Count the call, then ask the real store."""
+        self.applied_calls += 1
+        result: list[bool] = await self._store.applied(update_ids)  # type: ignore[attr-defined]
+        return result
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+async def _publish(backends: Backends, built: tuple[dict[str, Any], bytes, str]) -> None:
+    headers, body, update_id = built
+    await backends.broker.publish_raw(
+        backends.config.job, body, headers=headers, message_id=update_id
+    )
+
+
+@pytest.mark.parametrize("kind", ["real", "memory"])
+async def test_a_batch_rechecks_applied_after_a_commit_inside_it(kind: str, job_id: str) -> None:
+    async with job_backends(kind, job_id, FEDBUFF_2) as backends:
+        # Arrange: A, B (-> version 1), A again, all taken as one batch; then A in a batch alone
+        first = update(job_id, delta(1.0))
+        for built in (first, update(job_id, delta(3.0)), first, first):
+            await _publish(backends, built)
+        store = CountingStore(backends.store)
+        stream = backends.broker.consume(job_id, prefetch=10)
+        try:
+            deliveries: list[Delivery] = [await anext(stream) for _ in range(4)]
+            async with Aggregator(
+                job=job_id,
+                broker=backends.broker,
+                store=cast(ModelStore, store),
+                retry_seconds=0.1,
+            ) as aggregator:
+                # Act
+                await aggregator.handle_batch(deliveries[:3])
+                calls_in_first_batch = store.applied_calls
+                await aggregator.handle_batch(deliveries[3:])
+        finally:
+            await stream.aclose()
+        # Assert: A counted once, though the batch read its flag before A was committed
+        assert await backends.store.current_version() == 1
+        model = await backends.store.get_model(1)
+        assert model is not None
+        torch.testing.assert_close(decode(model)["w"], INITIAL["w"] + 2.0)
+        assert aggregator.stats.duplicates == 2
+        assert await backends.store.applied_count() == 2
+        # One read for the batch and one for what was left of it after the commit.
+        assert calls_in_first_batch == 2
+        assert store.applied_calls == 3
+        assert await backends.broker.queue_depth(job_id) == (0, 0)
+        assert await backends.broker.drain_dead_letters(job_id) == []
