@@ -386,13 +386,14 @@ class Aggregator:
             del self._base_cache[old]
 
     async def _commit(self, receipts: list[Receipt]) -> None:
-        # One bytearray, written in one pass: no second copy of a big model on the way out.
-        model_bytes = await asyncio.to_thread(encode_buffer, self.model)
+        # One bytearray, written in one pass: no second copy of a big model on the way out;
+        # hashed in the same thread hop, since hashing a big model would stall the event loop.
+        model_bytes, model_sha256 = await asyncio.to_thread(_encode_and_hash, self.model)
         new_version = self.version + 1
         meta = VersionMeta(
             version=new_version,
             created_at=time.time(),
-            sha256=sha256_hex(model_bytes),
+            sha256=model_sha256,
             model_bytes=len(model_bytes),
             contributors=[r.update_id for r in receipts],
             devices=[r.device_id for r in receipts],
@@ -461,6 +462,11 @@ class Aggregator:
         return await retry_unavailable(
             operation, first_delay=self._retry_seconds, give_up=self._stopping
         )
+
+
+def _encode_and_hash(model: Model) -> tuple[bytearray, str]:
+    model_bytes = encode_buffer(model)
+    return model_bytes, sha256_hex(model_bytes)
 
 
 @dataclass(frozen=True)

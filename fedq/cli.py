@@ -242,15 +242,7 @@ def aggregator(
             envvar="FEDQ_DEVICE_ID", help="Edge mode: the device id upstream (default edge-JOB)."
         ),
     ] = "",
-    key_file: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="FEDQ_DEVICE_KEY_FILE",
-            exists=True,
-            dir_okay=False,
-            help="Edge mode: the edge's private key at the root job: sign every partial update.",
-        ),
-    ] = None,
+    key_file: opt.KeyFile = None,
     flush_seconds: Annotated[
         float,
         typer.Option(
@@ -300,15 +292,7 @@ def agent(
         typer.Option(min=1.0, help="Emulate slow hardware: wait (slowdown-1) x compute time."),
     ] = 1.0,
     codec: CodecOption = "none",
-    key_file: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="FEDQ_DEVICE_KEY_FILE",
-            exists=True,
-            dir_okay=False,
-            help="The device's private key (from `fedq device add`): sign every update.",
-        ),
-    ] = None,
+    key_file: opt.KeyFile = None,
     trainable_only: Annotated[
         bool,
         typer.Option(help="Send a partial update: only the parameters with requires_grad."),

@@ -5,6 +5,7 @@ Defaults come from the schema models, so the CLI and a stored JobConfig never di
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
@@ -35,6 +36,16 @@ RedisUrl = Annotated[
     str, typer.Option(envvar="FEDQ_REDIS_URL", help="Redis URL (redis:// or rediss://).")
 ]
 LogLevel = Annotated[str, typer.Option(envvar="FEDQ_LOG_LEVEL", help="Logging level.")]
+KeyFile = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="FEDQ_DEVICE_KEY_FILE",
+        exists=True,
+        dir_okay=False,
+        help="A private key from `fedq device add`: sign every update (an edge aggregator: "
+        "its key at the root job).",
+    ),
+]
 
 
 def _log_format(value: str) -> str:

@@ -1,4 +1,4 @@
-"""Builders shared by the integration tests: a tiny job, and updates good and bad."""
+"""Builders shared by the integration tests: a tiny job, a drain, updates good and bad."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from aggregator.service import Aggregator
 from infra.amqp_broker import AmqpBroker
 from infra.memory_broker import MemoryBroker
 from infra.memory_store import MemoryModelStore, MemoryStoreHub
@@ -68,6 +69,39 @@ async def job_backends(
         await broker.delete_job(job)
         await store.close()
         await broker.close()
+
+
+@asynccontextmanager
+async def redis_tiny_job(job: str, strategy: StrategyConfig) -> AsyncIterator[RedisModelStore]:
+    """Create a job with the tiny INITIAL model in the real Redis alone; delete it after.
+
+    For tests that bring their own broker (a private RabbitMQ node, force-closed connections).
+    """
+    store = RedisModelStore.from_url(REDIS_URL, job)
+    model = encode(INITIAL)
+    config = JobConfig(
+        job=job, task="tiny", strategy=strategy, model_schema=schema_of(INITIAL), created_at=0.0
+    )
+    meta = VersionMeta(version=0, created_at=0.0, sha256=sha256_hex(model), model_bytes=len(model))
+    await store.create_job(config, model, meta)
+    try:
+        yield store
+    finally:
+        await store.delete_job()
+        await store.close()
+
+
+async def drain(backends: Backends, idle: float = 1.0) -> Aggregator:
+    """Run an aggregator on the job until its queue has been idle for `idle` seconds."""
+    async with Aggregator(
+        job=backends.config.job,
+        broker=backends.broker,
+        store=backends.store,
+        idle_timeout=idle,
+        retry_seconds=0.1,
+    ) as aggregator:
+        await aggregator.run()
+    return aggregator
 
 
 def update(

@@ -21,7 +21,6 @@ import redis.asyncio as aioredis
 import torch
 from typer.testing import CliRunner
 
-from aggregator.service import Aggregator
 from device_agent.agent import DeviceAgent
 from fedq.access_cli import with_user
 from fedq.cli import app
@@ -38,7 +37,7 @@ from schemas import StalenessConfig, StrategyConfig, TrainingConfig
 from schemas.codec import decode
 from schemas.signing import generate_key_pair
 from tests.conftest import AMQP_URL, REDIS_URL
-from tests.integration.helpers import INITIAL, Backends, delta, job_backends, update
+from tests.integration.helpers import INITIAL, Backends, delta, drain, job_backends, update
 
 pytestmark = pytest.mark.integration
 FEDBUFF_1 = StrategyConfig(
@@ -90,18 +89,6 @@ async def device(user: tuple[str, str], job: str) -> AsyncIterator[Device]:
         await delete_redis_user(REDIS_URL, creds.user)
 
 
-async def _drain(backends: Backends) -> Aggregator:
-    async with Aggregator(
-        job=backends.config.job,
-        broker=backends.broker,
-        store=backends.store,
-        idle_timeout=1.0,
-        retry_seconds=0.1,
-    ) as aggregator:
-        await aggregator.run()
-    return aggregator
-
-
 async def test_an_agent_with_its_own_users_gets_its_claim_checked_update_applied(
     device_user: tuple[str, str], job_id: str
 ) -> None:
@@ -136,7 +123,7 @@ async def test_an_agent_with_its_own_users_gets_its_claim_checked_update_applied
             # Act
             async with agent:
                 await agent.run()
-        aggregator = await _drain(admin)
+        aggregator = await drain(admin)
         # Assert: applied from the broker-validated user, and its blob removed
         assert aggregator.stats.rejected == {}
         assert await admin.store.current_version() == 1
@@ -172,7 +159,7 @@ async def test_the_broker_refuses_a_forged_user_id_and_the_publisher_says_so(
         assert time.monotonic() - started < 2.0
         headers, body, update_id = update(job_id, delta(1.0), device_id=dev.creds.user)
         await dev.broker.publish_raw(job_id, body, headers=headers, message_id=update_id)
-        await _drain(backends)
+        await drain(backends)
         assert await backends.store.current_version() == 1
         assert await backends.broker.drain_dead_letters(job_id) == []
 
@@ -266,7 +253,7 @@ async def test_the_aggregator_dead_letters_a_device_id_that_is_not_the_broker_us
         ):
             await broker.publish_raw(job_id, body, headers=headers, message_id=update_id)
         # Act
-        aggregator = await _drain(backends)
+        aggregator = await drain(backends)
         # Assert: only the device's own update is in the model
         assert await backends.store.current_version() == 1
         model = decode((await backends.store.get_model(1)) or b"")
@@ -293,7 +280,7 @@ async def test_in_memory_the_publishers_user_binds_device_ids_only_when_the_job_
             headers, body, update_id = update(job, delta(value), device_id=device_id)
             await broker.publish_raw(job, body, headers=headers, message_id=update_id)
         # Act
-        aggregator = await _drain(backends)
+        aggregator = await drain(backends)
         # Assert
         expected = {"user_mismatch": 1} if bind else {}
         assert aggregator.stats.rejected == expected

@@ -12,7 +12,7 @@ import torch
 from aggregator.service import Aggregator, Fenced
 from schemas import StalenessConfig, StrategyConfig, VersionMeta
 from schemas.codec import decode, encode, sha256_hex
-from tests.integration.helpers import INITIAL, Backends, delta, job_backends, update
+from tests.integration.helpers import INITIAL, Backends, delta, drain, job_backends, update
 from tests.integration.helpers import update as _update
 
 pytestmark = pytest.mark.integration
@@ -20,18 +20,6 @@ BACKENDS = ["real", "memory"]
 FEDBUFF_2 = StrategyConfig(
     name="fedbuff", buffer_size=2, max_staleness=0, staleness=StalenessConfig(name="constant")
 )
-
-
-async def _drain(backends: Backends, idle: float = 1.0) -> Aggregator:
-    async with Aggregator(
-        job=backends.config.job,
-        broker=backends.broker,
-        store=backends.store,
-        idle_timeout=idle,
-        retry_seconds=0.1,
-    ) as aggregator:
-        await aggregator.run()
-    return aggregator
 
 
 async def _publish(backends: Backends, built: tuple[dict, bytes, str]) -> str:
@@ -59,7 +47,7 @@ async def test_fedbuff_commits_the_weighted_mean_and_acks_after_commit(
             await _publish(backends, update(job_id, delta(-1.0, 6.0), num_samples=30)),
         ]
         # Act
-        aggregator = await _drain(backends)
+        aggregator = await drain(backends)
         # Assert: x1 = x0 + (10*d1 + 30*d2) / 40
         assert await backends.store.current_version() == 1
         model = await _model(backends, 1)
@@ -84,7 +72,7 @@ async def test_buffered_updates_stay_unacked_until_their_version_commits(
         for _ in range(2):
             await _publish(backends, update(job_id, delta(1.0)))
         # Act
-        await _drain(backends)
+        await drain(backends)
         # Assert: nothing committed, both back in the queue for the next aggregator
         assert await backends.store.current_version() == 0
         assert await backends.store.applied_count() == 0
@@ -92,7 +80,7 @@ async def test_buffered_updates_stay_unacked_until_their_version_commits(
         assert ready == 2
         # Act again: a third update completes the buffer on the next run
         await _publish(backends, update(job_id, delta(1.0)))
-        await _drain(backends)
+        await drain(backends)
         assert await backends.store.current_version() == 1
         assert await backends.store.applied_count() == 3
 
@@ -107,7 +95,7 @@ async def test_duplicates_are_applied_once(kind: str, job_id: str) -> None:
         await _publish(backends, update(job_id, delta(3.0)))
         await _publish(backends, first)
         # Act
-        aggregator = await _drain(backends)
+        aggregator = await drain(backends)
         # Assert: one version from A and B, the repeats acked and counted as duplicates
         assert await backends.store.current_version() == 1
         torch.testing.assert_close((await _model(backends, 1))["w"], INITIAL["w"] + 2.0)
@@ -192,7 +180,7 @@ async def test_every_bad_input_is_dead_lettered_with_its_reason(kind: str, job_i
             await backends.broker.publish_raw(job_id, body, headers=headers, message_id=update_id)
             expected[update_id] = reason
         # Act
-        aggregator = await _drain(backends)
+        aggregator = await drain(backends)
         dead = await backends.broker.drain_dead_letters(job_id)
         # Assert: each one dead-lettered for its reason; the model is version 1, unchanged
         assert {d.message_id: d.reason for d in dead} == expected
@@ -215,7 +203,7 @@ async def test_large_update_goes_by_claim_check_and_its_blob_is_removed(
         await backends.store.put_blob("dev-0", update_id, body, 60)
         await backends.broker.publish_raw(job_id, b"", headers=headers, message_id=update_id)
         # Act
-        await _drain(backends)
+        await drain(backends)
         # Assert
         assert await backends.store.current_version() == 1
         torch.testing.assert_close((await _model(backends, 1))["w"], INITIAL["w"] + 2.0)
@@ -237,7 +225,7 @@ async def test_fedasync_mixes_with_the_base_version_of_a_stale_update(
         await _publish(backends, update(job_id, delta(2.0)))
         await _publish(backends, update(job_id, delta(4.0)))
         # Act
-        await _drain(backends)
+        await drain(backends)
         # Assert: v1 = x0 + 0.5*2 = x0+1; alpha_2 = 0.5/(1+1) = 0.25,
         # v2 = 0.75*(x0+1) + 0.25*(x0+4) = x0 + 1.75
         assert await backends.store.current_version() == 2

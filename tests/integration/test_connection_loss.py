@@ -19,10 +19,10 @@ import torch
 from aggregator.service import Aggregator
 from infra.amqp_broker import AmqpBroker
 from infra.redis_store import RedisModelStore
-from schemas import JobConfig, StalenessConfig, StrategyConfig, UpdateHeader, VersionMeta
-from schemas.codec import decode, encode, schema_of, sha256_hex
-from tests.conftest import AMQP_URL, REDIS_URL
-from tests.integration.helpers import INITIAL, delta, update
+from schemas import StalenessConfig, StrategyConfig, UpdateHeader
+from schemas.codec import decode
+from tests.conftest import AMQP_URL
+from tests.integration.helpers import INITIAL, delta, redis_tiny_job, update
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 K = 3
@@ -71,19 +71,8 @@ async def _close_when_connected(name: str) -> int:
 
 @pytest.fixture
 async def store(job_id: str) -> AsyncIterator[RedisModelStore]:
-    redis_store = RedisModelStore.from_url(REDIS_URL, job_id)
-    model = encode(INITIAL)
-    config = JobConfig(
-        job=job_id, task="tiny", strategy=STRATEGY, model_schema=schema_of(INITIAL), created_at=0.0
-    )
-    await redis_store.create_job(
-        config,
-        model,
-        VersionMeta(version=0, created_at=0.0, sha256=sha256_hex(model), model_bytes=len(model)),
-    )
-    yield redis_store
-    await redis_store.delete_job()
-    await redis_store.close()
+    async with redis_tiny_job(job_id, STRATEGY) as redis_store:
+        yield redis_store
 
 
 async def test_forced_connection_loss_loses_and_doubles_nothing(

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 import torch
 
-from aggregator.service import Aggregator
 from device_agent.agent import DeviceAgent
 from fedq.jobs import create_job, initial_job
 from infra.memory_broker import MemoryBroker
@@ -16,7 +15,7 @@ from infra.memory_store import MemoryModelStore, MemoryStoreHub
 from schemas import StalenessConfig, StrategyConfig, TrainingConfig, UpdateHeader
 from schemas.codec import decode, encode, sha256_hex
 from schemas.signing import generate_key_pair, sign
-from tests.integration.helpers import INITIAL, Backends, delta, job_backends, update
+from tests.integration.helpers import INITIAL, Backends, delta, drain, job_backends, update
 
 pytestmark = pytest.mark.integration
 BACKENDS = ["real", "memory"]
@@ -53,18 +52,6 @@ async def _publish(backends: Backends, built: Built) -> str:
     return update_id
 
 
-async def _drain(backends: Backends) -> Aggregator:
-    async with Aggregator(
-        job=backends.config.job,
-        broker=backends.broker,
-        store=backends.store,
-        idle_timeout=1.0,
-        retry_seconds=0.1,
-    ) as aggregator:
-        await aggregator.run()
-    return aggregator
-
-
 @pytest.mark.parametrize("kind", BACKENDS)
 async def test_a_signed_update_from_a_registered_device_is_applied(kind: str, job_id: str) -> None:
     async with job_backends(kind, job_id, FEDBUFF_1, require_signatures=True) as backends:
@@ -74,7 +61,7 @@ async def test_a_signed_update_from_a_registered_device_is_applied(kind: str, jo
             backends, signed(update(job_id, delta(1.0), device_id="dev-a"), KEY_A)
         )
         # Act
-        aggregator = await _drain(backends)
+        aggregator = await drain(backends)
         # Assert
         assert await backends.store.current_version() == 1
         meta = await backends.store.get_meta(1)
@@ -139,7 +126,7 @@ async def test_unauthenticated_updates_are_dead_lettered_and_change_nothing(
         for name, (built, reason) in cases.items():
             expected[await _publish(backends, built)] = (name, reason)
         # Act
-        aggregator = await _drain(backends)
+        aggregator = await drain(backends)
         # Assert: each one dead-lettered with its reason; the model is still version 0
         dead = await backends.broker.drain_dead_letters(job_id)
         got = {
@@ -162,13 +149,13 @@ async def test_revocation_applies_from_the_next_update(kind: str, job_id: str) -
         # Arrange: one update applied, then the device is revoked and sends another
         await _registered(backends)
         await _publish(backends, signed(update(job_id, delta(1.0), device_id="dev-a"), KEY_A))
-        await _drain(backends)
+        await drain(backends)
         assert await backends.store.revoke_device("dev-a")
         late = await _publish(
             backends, signed(update(job_id, delta(1.0), device_id="dev-a", base_version=1), KEY_A)
         )
         # Act
-        await _drain(backends)
+        await drain(backends)
         # Assert
         assert await backends.store.current_version() == 1
         dead = await backends.broker.drain_dead_letters(job_id)
@@ -191,7 +178,7 @@ async def test_old_updates_are_refused_as_replays_and_duplicates_still_skipped(
         await _publish(backends, fresh)
         replayed = await _publish(backends, old)
         # Act
-        aggregator = await _drain(backends)
+        aggregator = await drain(backends)
         # Assert
         assert await backends.store.current_version() == 1
         assert aggregator.stats.duplicates == 1
@@ -203,7 +190,7 @@ async def test_old_updates_are_refused_as_replays_and_duplicates_still_skipped(
 async def test_without_the_option_unsigned_updates_still_count(kind: str, job_id: str) -> None:
     async with job_backends(kind, job_id, FEDBUFF_1) as backends:
         await _publish(backends, update(job_id, delta(1.0), device_id="dev-nobody"))
-        await _drain(backends)
+        await drain(backends)
         assert await backends.store.current_version() == 1
 
 
@@ -227,7 +214,7 @@ async def test_an_agent_with_a_key_file_signs_what_it_sends() -> None:
         async with agent:
             await agent.run()
     backends = Backends(broker=broker, store=store, config=config)
-    await _drain(backends)
+    await drain(backends)
     # Assert: dev-a's update is in version 1; dev-b signed with a key that is not its own
     assert await store.current_version() == 1
     meta_1 = await store.get_meta(1)

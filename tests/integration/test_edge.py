@@ -24,7 +24,6 @@ from typer.testing import CliRunner
 
 from aggregator.edge_runner import EdgeAggregator
 from aggregator.mirror import EdgeMismatch, mirror_once
-from aggregator.service import Aggregator
 from fedq.cli import app
 from infra.forward_ledger import ForwardLedger, RedisForwardLedger
 from infra.protocols import Broker
@@ -32,7 +31,7 @@ from schemas import StalenessConfig, StrategyConfig, UpdateHeader, VersionMeta
 from schemas.codec import decode, encode, sha256_hex
 from schemas.signing import generate_key_pair
 from tests.conftest import AMQP_URL, REDIS_URL
-from tests.integration.helpers import INITIAL, Backends, job_backends, update
+from tests.integration.helpers import INITIAL, Backends, drain, job_backends, update
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -70,18 +69,6 @@ async def _publish(
         await backends.broker.publish_raw(job, body, headers=headers, message_id=update_id)
         ids.append(update_id)
     return ids
-
-
-async def _drain(backends: Backends, idle: float = 1.0) -> Aggregator:
-    async with Aggregator(
-        job=backends.config.job,
-        broker=backends.broker,
-        store=backends.store,
-        idle_timeout=idle,
-        retry_seconds=0.1,
-    ) as aggregator:
-        await aggregator.run()
-    return aggregator
 
 
 async def _model(backends: Backends) -> dict[str, torch.Tensor]:
@@ -150,9 +137,9 @@ async def test_two_edges_under_a_root_give_the_flat_fedbuff_model(job_id: str) -
             for name, e, ledger in (("e1", e1, ledger1), ("e2", e2, ledger2))
         ]
         _, _, root_aggregator = await asyncio.gather(
-            _run_edge(edges[0]), _run_edge(edges[1]), _drain(root, idle=3.0)
+            _run_edge(edges[0]), _run_edge(edges[1]), drain(root, idle=3.0)
         )
-        await _drain(flat)
+        await drain(flat)
 
         # Assert: one root version from the 4 partials, equal to the flat aggregation
         assert await root.store.current_version() == 1
@@ -238,8 +225,8 @@ async def test_an_edge_crash_between_publish_and_ack_counts_nothing_twice(
         with pytest.raises(_Crash):
             await _run_edge(_edge(edge, root, crashing.pop("ledger", ledger), **crashing))
         restarted = await _run_edge(_edge(edge, root, ledger))
-        root_aggregator = await _drain(root)
-        await _drain(flat)
+        root_aggregator = await drain(root)
+        await drain(flat)
 
         # Assert: the root folded 2 partials into 1 version, equal to the flat aggregation
         assert await root.store.current_version() == 1
@@ -302,8 +289,8 @@ async def test_python_m_aggregator_with_fedq_upstream_runs_an_edge(
                 sys.executable, "-m", "aggregator", env=env, stdout=output, stderr=output
             )
             returncode = await asyncio.wait_for(process.wait(), timeout=45)
-        await _drain(root)
-        await _drain(flat)
+        await drain(root)
+        await drain(flat)
 
         # Assert
         assert returncode == 0, log.read_text()
@@ -408,7 +395,7 @@ async def test_a_sigkilled_edge_loses_nothing_and_counts_nothing_twice(
         finally:
             if final.poll() is None:
                 final.kill()
-        await _drain(root)
+        await drain(root)
 
         # Assert
         assert final.returncode == 0, log.read_text()

@@ -16,11 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator.service import Aggregator
 from infra.errors import PublishError
 from schemas import StalenessConfig, StrategyConfig
 from schemas.codec import encode, sha256_hex
-from tests.integration.helpers import Backends, delta, job_backends, update
+from tests.integration.helpers import delta, drain, job_backends, update
 
 pytestmark = pytest.mark.integration
 STRATEGY = StrategyConfig(
@@ -68,18 +67,6 @@ def _corpus(job: str) -> dict[str, tuple[dict[str, Any], bytes, str]]:
     }
 
 
-async def _drain(backends: Backends) -> Aggregator:
-    async with Aggregator(
-        job=backends.config.job,
-        broker=backends.broker,
-        store=backends.store,
-        idle_timeout=0.5,
-        retry_seconds=0.1,
-    ) as aggregator:
-        await aggregator.run()
-    return aggregator
-
-
 @pytest.mark.parametrize("kind", ["real", "memory"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 async def test_non_finite_header_values_are_refused_at_publish(
@@ -107,7 +94,7 @@ async def test_hostile_corpus_is_dead_lettered_and_changes_nothing(kind: str, jo
             await backends.broker.publish_raw(job_id, body, headers=headers, message_id=message_id)
             expected[message_id] = reason
         # Act
-        aggregator = await _drain(backends)
+        aggregator = await drain(backends, idle=0.5)
         # Assert: each for its reason, the model untouched, the loop alive to the end
         dead = await backends.broker.drain_dead_letters(job_id)
         assert {d.message_id: d.reason for d in dead} == expected
@@ -184,7 +171,7 @@ async def _fuzz(messages: list[tuple[dict[str, Any], bytes]]) -> None:
                 continue  # refused by the broker's header encoding: never queued
             queued += 1
         started = time.monotonic()
-        aggregator = await _drain(backends)
+        aggregator = await drain(backends, idle=0.5)
         dead = await backends.broker.drain_dead_letters(job)
         assert len(dead) == queued
         assert all(d.reason and d.detail for d in dead)

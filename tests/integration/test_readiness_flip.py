@@ -22,10 +22,9 @@ import pytest
 
 from infra.amqp_broker import AmqpBroker
 from infra.redis_store import RedisModelStore
-from schemas import JobConfig, StalenessConfig, StrategyConfig, VersionMeta
-from schemas.codec import encode, schema_of, sha256_hex
+from schemas import StalenessConfig, StrategyConfig
 from tests.conftest import REDIS_URL
-from tests.integration.helpers import INITIAL, delta, update
+from tests.integration.helpers import delta, redis_tiny_job, update
 from tests.integration.private_rabbitmq import PrivateRabbitMQ, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -70,16 +69,8 @@ def _aggregator(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 @pytest.fixture
 async def store(job_id: str) -> AsyncIterator[RedisModelStore]:
-    redis_store = RedisModelStore.from_url(REDIS_URL, job_id)
-    model = encode(INITIAL)
-    config = JobConfig(
-        job=job_id, task="tiny", strategy=STRATEGY, model_schema=schema_of(INITIAL), created_at=0.0
-    )
-    meta = VersionMeta(version=0, created_at=0.0, sha256=sha256_hex(model), model_bytes=len(model))
-    await redis_store.create_job(config, model, meta)
-    yield redis_store
-    await redis_store.delete_job()
-    await redis_store.close()
+    async with redis_tiny_job(job_id, STRATEGY) as redis_store:
+        yield redis_store
 
 
 async def _version(store: RedisModelStore, at_least: int, seconds: float) -> int:
