@@ -4,6 +4,11 @@ Acks are late: a delivery is settled only after what it caused is durable (its v
 committed, or it is known to be a duplicate, or it was copied to the dead-letter queue).
 A crash at any point therefore costs redeliveries, never updates, and the `applied` set in
 Redis turns those redeliveries into no-ops.
+
+A commit runs while the next updates are folded: once the new model is encoded, its write to
+Redis, the acks and the announcement go on in a task, and the loop folds on top of the new
+version (`head`). One commit is in flight at most, and the next one waits for it, so versions
+stay in order and a fenced commit stops the loop before anything built on it is committed.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ Model = dict[str, torch.Tensor]
 # Where a validated update goes instead of the strategy (edge mode, aggregator/edge.py).
 UpdateSink = Callable[[UpdateHeader, Delivery, Contribution], Awaitable[None]]
 _BASE_CACHE_SIZE = 3
+# Below this payload size, hashing, decoding and folding an update take less time than the
+# hop to a worker thread and back, so they run on the event loop.
+_THREAD_MIN_BYTES = 256 * 1024
 
 
 class Fenced(Exception):
@@ -104,12 +112,17 @@ class Aggregator:
         # the version is `_hint_version`, since a commit adds its contributors to the set.
         self._applied_hint: dict[str, bool] = {}
         self._hint_version = -1
+        # The commit in flight, if any (see the module docstring).
+        self._committing: asyncio.Task[None] | None = None
         self.metrics.buffered.set_function(lambda: len(self._pending))
         self.metrics.consuming.set_function(lambda: float(self.consuming))
         self.config: JobConfig
         self.strategy: Strategy
         self.model: Model
+        # The newest version committed (durable in the store)...
         self.version: int
+        # ...and the one the model in memory builds on: `version`, or the commit in flight.
+        self.head: int
 
     async def __aenter__(self) -> Aggregator:
         self.config = await self.store.get_config()
@@ -128,6 +141,7 @@ class Aggregator:
     async def _load_latest(self) -> None:
         """Take the store's latest version as the global model, forgetting decoded bases."""
         self.version, model_bytes = await self._retry(self.store.latest)
+        self.head = self.version
         self.model = await asyncio.to_thread(decode, model_bytes)
         self._base_cache.clear()
         self.metrics.version.set(self.version)
@@ -153,6 +167,11 @@ class Aggregator:
             )
 
     async def __aexit__(self, *exc_info: object) -> None:
+        if self._committing is not None:
+            # Only after a failure: its deliveries stay unacked and come back to be deduped.
+            self._committing.cancel()
+            await asyncio.gather(self._committing, return_exceptions=True)
+            self._committing = None
         # Buffered deliveries are left unacked: closing the consumer returns them to the queue.
         self._pending.clear()
         self._pending_bytes.clear()
@@ -201,7 +220,11 @@ class Aggregator:
             # Deliveries still in the inbox are unacked: closing the stream gives them back.
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-            await deliveries.aclose()
+            try:
+                # Its acks need the consumer's channel, so before the stream closes.
+                await self.settle_commit()
+            finally:
+                await deliveries.aclose()
         return self.stats
 
     async def handle_batch(self, batch: list[Delivery]) -> None:
@@ -214,11 +237,24 @@ class Aggregator:
             self._hint_version = self.version
             # A commit makes the flags stale: read them again for the rest of the batch.
             while batch and self.version == self._hint_version and not self._stopping.is_set():
-                await self.handle(batch.pop(0))
+                await self._handle(batch.pop(0))
+                if self._committing is not None and self._committing.done():
+                    await self.settle_commit()  # raises what a failed commit raised (Fenced)
         self._applied_hint = {}
 
     async def handle(self, delivery: Delivery) -> None:
-        """Process one delivery to its end: applied, buffered, skipped or dead-lettered."""
+        """Process one delivery to its end: applied (its version committed), buffered,
+        skipped or dead-lettered."""
+        await self._handle(delivery)
+        await self.settle_commit()
+
+    async def settle_commit(self) -> None:
+        """Wait for the commit in flight, if any; raise what it raised (Fenced, an outage)."""
+        if self._committing is not None:
+            committing, self._committing = self._committing, None
+            await committing
+
+    async def _handle(self, delivery: Delivery) -> None:
         self.stats.received += 1
         self.metrics.received.inc()
         self.metrics.received_bytes.inc(len(delivery.body))
@@ -238,7 +274,7 @@ class Aggregator:
 
     async def _fold(self, delivery: Delivery) -> None:
         header = parse_header(delivery.headers, self.job)
-        bind(version=self.version, update_id=header.update_id, device_id=header.device_id)
+        bind(version=self.head, update_id=header.update_id, device_id=header.device_id)
         check_user(header, delivery.user_id, self.config)
         await self._authenticate(header)
         if await self._is_duplicate(header.update_id, delivery):
@@ -247,7 +283,7 @@ class Aggregator:
         # reported as a replay.
         check_age(header, self.config, time.time())
         verdict = self.strategy.admit(
-            base_version=header.base_version, version=self.version, device_id=header.device_id
+            base_version=header.base_version, version=self.head, device_id=header.device_id
         )
         if verdict is not None:
             raise Rejection(*verdict)
@@ -267,13 +303,12 @@ class Aggregator:
             if self._sink is not None:
                 await self._sink(header, delivery, contribution)
                 return
-            if self.strategy.needs_base_model and self.version not in self._base_cache:
+            if self.strategy.needs_base_model and self.head not in self._base_cache:
                 # `add` changes the model in place; later stale updates still need this version.
-                self._remember_base(self.version, {k: v.clone() for k, v in self.model.items()})
+                self._remember_base(self.head, {k: v.clone() for k, v in self.model.items()})
             receipts = await self._add(header, delivery, lambda: self._timed_add(contribution))
         if receipts is not None:
-            with self.metrics.commit_seconds.time():
-                await self._commit(receipts)
+            await self._commit(receipts)
 
     def _needs_base(self, header: UpdateHeader) -> bool:
         return self.strategy.needs_base_model or header.kind == "weights"
@@ -288,10 +323,13 @@ class Aggregator:
     async def _add(
         self, header: UpdateHeader, delivery: Delivery, add: Callable[[], list[Receipt] | None]
     ) -> list[Receipt] | None:
-        """Run `add` (which folds the update) in a thread, holding the delivery meanwhile."""
+        """Run `add` (which folds the update), holding the delivery meanwhile; in a thread
+        unless the update is small."""
         self._pending[header.update_id] = delivery
         self._pending_bytes[header.update_id] = header.payload_bytes
         try:
+            if header.payload_bytes < _THREAD_MIN_BYTES:
+                return add()
             return await asyncio.to_thread(add)
         except BaseException:
             del self._pending[header.update_id]
@@ -355,7 +393,7 @@ class Aggregator:
         receipt = Receipt(
             update_id=header.update_id,
             device_id=header.device_id,
-            staleness=self.version - header.base_version,
+            staleness=self.head - header.base_version,
             num_samples=header.num_samples,
         )
         return Contribution(
@@ -367,7 +405,7 @@ class Aggregator:
         )
 
     async def _base_model(self, version: int) -> Model:
-        if version == self.version:
+        if version == self.head:
             return self.model
         cached = self._base_cache.get(version)
         if cached is not None:
@@ -386,12 +424,15 @@ class Aggregator:
             del self._base_cache[old]
 
     async def _commit(self, receipts: list[Receipt]) -> None:
+        """Encode the new version and start committing it; the loop goes on meanwhile."""
+        started = time.perf_counter()
+        # One commit in flight, and so one encoded model in memory, at a time.
+        await self.settle_commit()
         # One bytearray, written in one pass: no second copy of a big model on the way out;
         # hashed in the same thread hop, since hashing a big model would stall the event loop.
         model_bytes, model_sha256 = await asyncio.to_thread(_encode_and_hash, self.model)
-        new_version = self.version + 1
         meta = VersionMeta(
-            version=new_version,
+            version=self.head + 1,
             created_at=time.time(),
             sha256=model_sha256,
             model_bytes=len(model_bytes),
@@ -401,37 +442,46 @@ class Aggregator:
             num_samples=sum(r.num_samples for r in receipts),
             update_bytes=sum(self._pending_bytes.get(r.update_id, 0) for r in receipts),
         )
+        self.head = meta.version
+        self._committing = asyncio.create_task(self._finish_commit(model_bytes, meta, started))
+
+    async def _finish_commit(
+        self, model_bytes: ByteBuffer, meta: VersionMeta, started: float
+    ) -> None:
+        """Make the version durable, then settle its deliveries and tell the agents."""
         try:
-            await self._retry(lambda: self.store.commit(self.version, model_bytes, meta))
+            await self._retry(lambda: self.store.commit(meta.version - 1, model_bytes, meta))
         except VersionConflict:
             raise Fenced(
-                f"version {new_version} of job {self.job} was committed elsewhere"
+                f"version {meta.version} of job {self.job} was committed elsewhere"
             ) from None
-        self.version = new_version
+        self.version = meta.version
         self.stats.versions += 1
-        self.stats.applied += len(receipts)
+        self.stats.applied += len(meta.contributors)
         self.stats.staleness_total += sum(meta.staleness)
         self._count_commit(meta)
-        bind(version=new_version)
+        bind(version=meta.version)
         log.info(
             "committed version %d of job %s from %d updates (staleness %s)",
-            new_version,
+            meta.version,
             self.job,
-            len(receipts),
+            len(meta.contributors),
             meta.staleness,
             extra={"contributors": meta.contributors, "staleness": meta.staleness},
         )
-        deliveries = [self._pending.pop(r.update_id) for r in receipts]
-        for receipt in receipts:
-            self._pending_bytes.pop(receipt.update_id, None)
+        # Popped only now: a redelivery meanwhile replaced its entry, and this acks the newest.
+        deliveries = [self._pending.pop(update_id) for update_id in meta.contributors]
+        for update_id in meta.contributors:
+            self._pending_bytes.pop(update_id, None)
         # Acks, then the blobs and the announcement, each group at once rather than one by
         # one: the version is durable, so their order within a group does not matter.
         await asyncio.gather(*(_settle(delivery.ack()) for delivery in deliveries))
         blobs = list(zip(meta.devices, meta.contributors, strict=True))
         await asyncio.gather(
             self._retry(lambda: self.store.delete_blobs(blobs)),
-            self.broker.announce_version(self.job, new_version),
+            self.broker.announce_version(self.job, meta.version),
         )
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
 
     def _count_commit(self, meta: VersionMeta) -> None:
         self.metrics.version.set(meta.version)

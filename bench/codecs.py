@@ -58,6 +58,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/codecs/results.json"))
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --out")
     parser.add_argument("--report", action="store_true", help="only print --out's tables")
+    parser.add_argument(
+        "--also",
+        type=Path,
+        action="append",
+        default=[],
+        help="another results file to include in the tables (repeatable)",
+    )
+    parser.add_argument(
+        "--at",
+        type=int,
+        help="score the lockstep runs at this version (from their curves), not at their end",
+    )
     parser.add_argument("--quick", action="store_true", help="2 codecs, 1 seed, 8 versions")
     args = parser.parse_args()
     if args.quick:
@@ -111,6 +123,34 @@ async def run_one(args: argparse.Namespace, codec: Codec, seed: int) -> Record:
         "final_accuracy": summary["final_accuracy"],
         "mean_staleness": summary["mean_staleness"],
     }
+
+
+def at_version(records: list[Record], version: int) -> list[Record]:
+    """Return the lockstep runs as if they had stopped at `version`, read off their curves.
+
+    The runs are deterministic, so a longer run's first `version` versions are the shorter
+    run: one set of long runs gives the table at every budget. Runs without that point are
+    left out.
+    """
+    scored: list[Record] = []
+    window = max(1, version // 10)
+    for r in records:
+        curve = r.get("curve")
+        if not isinstance(curve, list):
+            continue
+        accuracy = {int(v): float(a) for v, a in curve}
+        if version not in accuracy:
+            continue
+        tail = [accuracy[v] for v in range(version - window + 1, version + 1) if v in accuracy]
+        scored.append(
+            r
+            | {
+                "versions": version,
+                "final_accuracy": accuracy[version],
+                "tail_accuracy": statistics.fmean(tail),
+            }
+        )
+    return scored
 
 
 def by_seed(records: list[Record], codec: str, key: str) -> dict[int, float]:
@@ -244,6 +284,8 @@ def main() -> None:
     records: list[Record] = []
     if (args.resume or args.report) and args.out.exists():
         records = json.loads(args.out.read_text())["runs"]
+    for extra in args.also:
+        records += json.loads(extra.read_text())["runs"]
     done = {(r["codec"], r["seed"]) for r in records}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Seed-major: a cut-short run still holds complete pairs for the seeds it finished.
@@ -259,9 +301,11 @@ def main() -> None:
             args.out.write_text(json.dumps({"settings": settings, "runs": records}, indent=1))
             shown = {k: v for k, v in record.items() if k != "curve"}
             print(f"{codec} seed {seed}: {shown}", file=sys.stderr, flush=True)
-    print(table(summary_rows(records, codecs)))
+    budget = args.versions if args.at is None else args.at
+    scored = records if args.at is None else at_version(records, args.at)
+    print(table(summary_rows(scored, codecs)))
     if args.mode == "lockstep":
-        checkpoints = sorted({max(1, args.versions * i // 3) for i in (1, 2, 3)})
+        checkpoints = sorted({max(1, budget * i // 3) for i in (1, 2, 3)})
         print()
         print(checkpoint_table(records, codecs, checkpoints))
 

@@ -96,33 +96,55 @@ def _encode_value(value: Any) -> bytes:
     return amqp_encode.encode_table_value(value)
 
 
-def roundtrip_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """Return the headers as a consumer will receive them; raise PublishError if not encodable."""
+def checked_header_table(headers: Mapping[str, Any]) -> bytes:
+    """Encode headers as a field table; PublishError if AMQP cannot carry them in one frame."""
     try:
         encoded = encode_headers(headers)
     except _ENCODE_ERRORS as exc:
         raise PublishError(f"headers are not an AMQP field table: {exc}") from exc
     if len(encoded) > MAX_HEADER_BYTES:
         raise PublishError(f"headers take {len(encoded)} bytes, over {MAX_HEADER_BYTES}")
-    return amqp_decode.field_table(encoded)[1]
+    return encoded
+
+
+def roundtrip_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the headers as a consumer will receive them; raise PublishError if not encodable."""
+    return amqp_decode.field_table(checked_header_table(headers))[1]
 
 
 class _Properties(Basic.Properties):
     """Basic properties whose headers table keeps floats as doubles."""
 
+    # The headers' encoding, when the message already made it (see `_Message.header_table`).
+    header_table: bytes | None = None
+
     def encode_property(self, name: str, value: Any) -> bytes:
         if name == "headers":
-            return encode_headers(value)
+            return self.header_table if self.header_table is not None else encode_headers(value)
         return super().encode_property(name, value)
 
 
 class _Message(aio_pika.Message):
-    """An outgoing message that marshals its headers with `encode_headers`."""
+    """An outgoing message that marshals its headers with `encode_headers`, once.
+
+    The table is made (and checked) on first use and kept: the check before publishing, the
+    marshalling and any republish all share it, which matters on the agents' hot path.
+    """
+
+    _table: bytes | None = None
+
+    def header_table(self) -> bytes:
+        """Return the headers' checked encoding; PublishError if they cannot be sent."""
+        if self._table is None:
+            self._table = checked_header_table(self.headers)
+        return self._table
 
     @property
     def properties(self) -> Basic.Properties:
         base = super().properties
-        return _Properties(**{name: getattr(base, name) for name in base.__slots__})
+        properties = _Properties(**{name: getattr(base, name) for name in base.__slots__})
+        properties.header_table = self.header_table()
+        return properties
 
 
 def _text(value: Any) -> str | None:
@@ -328,7 +350,11 @@ class AmqpBroker:
         self, exchange: str, routing_key: str, message: aio_pika.Message, *, timeout: float
     ) -> None:
         """Publish mandatory and confirmed, republishing the same message across reconnects."""
-        roundtrip_headers(message.headers)  # refuse unencodable headers before they hit the wire
+        # Refuse unencodable headers before they hit the wire.
+        if isinstance(message, _Message):
+            message.header_table()
+        else:
+            checked_header_table(message.headers)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout, self.publish_timeout)
         target = await self._channel.get_exchange(exchange, ensure=False)

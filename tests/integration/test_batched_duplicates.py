@@ -1,7 +1,9 @@
-"""The batched `applied` check: one round trip per batch, and still every duplicate skipped."""
+"""The batched `applied` check: one round trip per batch, and still every duplicate skipped,
+also while the version it would have to know about is being committed."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -21,17 +23,23 @@ FEDBUFF_2 = StrategyConfig(
 
 
 class CountingStore:
-    """Count the store's `applied` calls; everything else goes to the real store."""
+    """Count the store's `applied` calls and hold commits at a gate; the rest is the real store."""
 
     def __init__(self, store: object) -> None:
         self._store = store
         self.applied_calls = 0
+        self.gate = asyncio.Event()
 
     async def applied(self, update_ids: Sequence[str]) -> list[bool]:
         """Count the call, then ask the real store."""
         self.applied_calls += 1
         result: list[bool] = await self._store.applied(update_ids)  # type: ignore[attr-defined]
         return result
+
+    async def commit(self, *args: Any) -> None:
+        """Commit once the test opens the gate."""
+        await self.gate.wait()
+        await self._store.commit(*args)  # type: ignore[attr-defined]
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._store, name)
@@ -45,9 +53,11 @@ async def _publish(backends: Backends, built: tuple[dict[str, Any], bytes, str])
 
 
 @pytest.mark.parametrize("kind", ["real", "memory"])
-async def test_a_batch_rechecks_applied_after_a_commit_inside_it(kind: str, job_id: str) -> None:
+async def test_redeliveries_during_and_after_a_commit_are_applied_once(
+    kind: str, job_id: str
+) -> None:
     async with job_backends(kind, job_id, FEDBUFF_2) as backends:
-        # Arrange: A, B (-> version 1), A again, all taken as one batch; then A in a batch alone
+        # Arrange: A, B (-> version 1) and A again as one batch; then A in a batch alone
         first = update(job_id, delta(1.0))
         for built in (first, update(job_id, delta(3.0)), first, first):
             await _publish(backends, built)
@@ -61,21 +71,27 @@ async def test_a_batch_rechecks_applied_after_a_commit_inside_it(kind: str, job_
                 store=cast(ModelStore, store),
                 retry_seconds=0.1,
             ) as aggregator:
-                # Act
+                # Act: the second A comes while version 1 is being committed (held at the
+                # gate), when the flag read for the batch still says "not applied"...
                 await aggregator.handle_batch(deliveries[:3])
-                calls_in_first_batch = store.applied_calls
+                calls_during_commit = store.applied_calls
+                version_during_commit = await backends.store.current_version()
+                store.gate.set()
+                await aggregator.settle_commit()
+                # ...and the third one after it, in a batch of its own.
                 await aggregator.handle_batch(deliveries[3:])
+                await aggregator.settle_commit()
         finally:
             await stream.aclose()
         # Assert: A counted once, though the batch read its flag before A was committed
+        assert (calls_during_commit, version_during_commit) == (1, 0)
         assert await backends.store.current_version() == 1
         model = await backends.store.get_model(1)
         assert model is not None
         torch.testing.assert_close(decode(model)["w"], INITIAL["w"] + 2.0)
         assert aggregator.stats.duplicates == 2
         assert await backends.store.applied_count() == 2
-        # One read for the batch and one for what was left of it after the commit.
-        assert calls_in_first_batch == 2
-        assert store.applied_calls == 3
+        # A fresh read for the batch after the commit, which knows A is applied.
+        assert store.applied_calls == 2
         assert await backends.broker.queue_depth(job_id) == (0, 0)
         assert await backends.broker.drain_dead_letters(job_id) == []

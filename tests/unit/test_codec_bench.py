@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from bench.codecs import Record, mean_std, paired_points, summary_rows, table, verdict
+from bench.codecs import (
+    Record,
+    at_version,
+    mean_std,
+    paired_points,
+    summary_rows,
+    table,
+    verdict,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -86,3 +94,17 @@ def test_the_table_judges_each_goal_on_final_and_tail() -> None:
     # Assert: int8's two seeds straddle the goal; top-k has one paired seed only
     assert "| int8 |" in lines[3] and ">= -0.5: open: 95% CI" in lines[3]
     assert "| topk:0.01 |" in lines[4] and ">= -2.0: one seed: open / one seed: open" in lines[4]
+
+
+def test_at_version_reads_final_and_tail_off_the_curve() -> None:
+    # Arrange: a 30-version run scored every version, and one without a curve
+    curve = [[v, v / 100] for v in range(1, 31)]
+    runs = [_run("none", 0, 0.30, 0.29, 1000) | {"curve": curve}, _run("int8", 0, 0.9, 0.9, 300)]
+    # Act
+    [scored] = at_version(runs, 20)
+    # Assert: accuracy at v20, tail = mean of the last 10% (2 versions) up to v20
+    assert scored["final_accuracy"] == 0.20
+    assert scored["tail_accuracy"] == pytest.approx((0.19 + 0.20) / 2)
+    assert scored["versions"] == 20
+    assert runs[0]["final_accuracy"] == 0.30  # the original is untouched
+    assert at_version(runs, 31) == []
