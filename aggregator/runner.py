@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from prometheus_client import CollectorRegistry
 
 from aggregator.edge_runner import serve_edge
@@ -21,6 +22,9 @@ async def serve(
     settings: AggregatorSettings, memory: MemoryBackends | None = None
 ) -> AggregatorStats:
     """Run one aggregator for `settings.job` until SIGTERM/SIGINT, fencing, or idle drain."""
+    if memory is None:
+        # A service owns its process (in-process runs share theirs and set it themselves).
+        torch.set_num_threads(settings.torch_threads)
     if settings.upstream is not None:
         # Edge mode: this job's updates go upstream in partial updates; nothing commits here.
         return await serve_edge(settings, memory)

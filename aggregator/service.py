@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -201,9 +201,12 @@ class Aggregator:
         try:
             while not self._stopping.is_set():
                 first = asyncio.ensure_future(inbox.get())
-                await asyncio.wait({first, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if not first.done():
-                    first.cancel()
+                try:
+                    await self._wait_for(first, stop_wait)
+                finally:
+                    if not first.done():
+                        first.cancel()
+                if not first.done() or first.cancelled():
                     break
                 items = [first.result()]
                 while not inbox.empty():
@@ -227,8 +230,22 @@ class Aggregator:
                 await deliveries.aclose()
         return self.stats
 
+    async def _wait_for(self, delivery: asyncio.Future[Any], stop: asyncio.Future[Any]) -> None:
+        """Wait for the next delivery or a stop; a commit that fails meanwhile raises here, so
+        a fenced aggregator stops at once rather than at its next delivery."""
+        while not delivery.done() and not stop.done():
+            waits: set[asyncio.Future[Any]] = {delivery, stop}
+            if self._committing is not None:
+                waits.add(self._committing)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if self._committing is not None and self._committing.done():
+                await self.settle_commit()
+
     async def handle_batch(self, batch: list[Delivery]) -> None:
-        """Handle deliveries in order, reading their `applied` flags together."""
+        """Handle deliveries in order, reading their `applied` flags together.
+
+        The last commit may still be in flight on return: `settle_commit` waits for it.
+        """
         while batch and not self._stopping.is_set():
             ids = [_raw_update_id(delivery) for delivery in batch]
             known = [i for i in ids if i is not None]

@@ -46,6 +46,10 @@ class AggregatorSettings(ConnectionSettings):
     device_key_file: Path | None = None
     # Edge mode: forward a group that has waited this long even if it has fewer than K.
     edge_flush_seconds: float = Field(default=10.0, gt=0)
+    # torch's intra-op threads for decoding, folding and encoding. One by default: the work
+    # is memory-bound, and OpenMP's spinning helpers would compete with the event loop (and
+    # RabbitMQ and Redis) for the cores; more can pay off for huge models on a big host.
+    torch_threads: int = Field(default=1, ge=1, le=1024)
     log_level: str = "INFO"
     # FEDQ_LOG_FORMAT: `text` (readable) or `json` (one object per line, for log pipelines).
     log_format: LogFormat = "text"

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import pickle
+from typing import cast
 
 import pytest
 import torch
 
 from aggregator.service import Aggregator, Fenced
+from infra.protocols import ModelStore
 from schemas import StalenessConfig, StrategyConfig, VersionMeta
 from schemas.codec import decode, encode, sha256_hex
 from tests.integration.helpers import INITIAL, Backends, delta, drain, job_backends, update
@@ -230,6 +232,53 @@ async def test_fedasync_mixes_with_the_base_version_of_a_stale_update(
         # v2 = 0.75*(x0+1) + 0.25*(x0+4) = x0 + 1.75
         assert await backends.store.current_version() == 2
         torch.testing.assert_close((await _model(backends, 2))["w"], INITIAL["w"] + 1.75)
+
+
+class RivalStore:
+    """The real store, except that a rival commits first whatever version is committed."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self._store = store
+
+    async def commit(self, expected_version: int, model: bytes, meta: VersionMeta) -> None:
+        """Commit the rival's model (the initial one) as the version, then try ours."""
+        rival = encode(INITIAL)
+        version = expected_version + 1
+        rival_meta = VersionMeta(
+            version=version, created_at=0.0, sha256=sha256_hex(rival), model_bytes=len(rival)
+        )
+        await self._store.commit(expected_version, rival, rival_meta)
+        await self._store.commit(expected_version, model, meta)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_a_fenced_commit_stops_the_loop_with_no_update_left_to_handle(
+    kind: str, job_id: str
+) -> None:
+    async with job_backends(kind, job_id, FEDBUFF_2) as backends:
+        # Arrange: two updates fill the buffer; nothing comes after them
+        for value in (1.0, 2.0):
+            await _publish(backends, update(job_id, delta(value)))
+        store = cast(ModelStore, RivalStore(backends.store))
+        async with Aggregator(job=job_id, broker=backends.broker, store=store) as aggregator:
+            # Act: the commit runs while the loop waits for a delivery that never comes
+            running = asyncio.create_task(aggregator.run())
+            done, _ = await asyncio.wait({running}, timeout=30)
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+        # Assert: its fencing ended the loop by itself (no idle timeout would have)
+        assert running in done
+        assert isinstance(running.exception(), Fenced)
+        # ...the rival's version stands and both updates are back in the queue
+        assert await backends.store.current_version() == 1
+        torch.testing.assert_close((await _model(backends, 1))["w"], INITIAL["w"])
+        assert await backends.store.applied_count() == 0
+        await asyncio.sleep(0.2)
+        ready, _ = await backends.broker.queue_depth(job_id)
+        assert ready == 2
 
 
 @pytest.mark.parametrize("kind", BACKENDS)

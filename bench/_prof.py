@@ -1,0 +1,197 @@
+"""Ingest: updates/s the aggregator applies (FedBuff, K=10) vs raw aio-pika publish+consume.
+
+Run: `python bench/ingest.py [--quick] [--repeats 3] [--sizes 100000,1000000,10000000]`.
+Per size, `--concurrency` publishers in this process send N updates of that size (fedq's
+`send_update`: a confirmed, persistent, mandatory publish, through a Redis claim-check over
+the 4 MiB inline limit) while the aggregator service (`python -m aggregator`, a child
+process, as it runs in production) folds them; the figure is N over the time from the first
+publish to the commit of the last version. The baseline, in the same run on the same broker,
+publishes N equal-size messages the same way to a plain quorum queue, and a child process
+(`bench/raw_consumer.py`) consumes them with the aggregator's prefetch and one ack each: the
+same split of work between processes, so neither side shares its event loop with its
+publishers. One summary line per size, the median of `--repeats` runs of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from asyncio.subprocess import Process
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness import (
+    AMQP_URL,
+    REDIS_URL,
+    bench_job,
+    fedbuff,
+    publish_updates,
+    raw_queue,
+    synthetic_model,
+)
+from bench.measure import Summary, human_bytes, median, rate, ratio
+from infra.redis_store import RedisModelStore
+from schemas.codec import encode
+
+BUFFER_SIZE = 10
+# Updates per size: enough for several versions at each size, bounded in bytes.
+COUNTS = {100_000: 3000, 1_000_000: 1000, 10_000_000: 40}
+QUICK_COUNTS = {100_000: 100, 1_000_000: 50, 10_000_000: 20}
+RUN_TIMEOUT = 600.0
+ROOT = Path(__file__).resolve().parents[1]
+RAW_CONSUMER = str(ROOT / "bench" / "raw_consumer.py")
+
+
+def parse_args() -> argparse.Namespace:
+    """Parse the benchmark's knobs; the defaults are the issue's sizes."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100000,1000000,10000000")
+    parser.add_argument("--quick", action="store_true", help="fewer updates per size")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=4, help="publishers at once")
+    return parser.parse_args()
+
+
+def update_count(size: int, quick: bool) -> int:
+    """Return how many updates to send at `size`: a multiple of K."""
+    table = QUICK_COUNTS if quick else COUNTS
+    count = table.get(size, 20 if quick else 40)
+    return max(BUFFER_SIZE, count - count % BUFFER_SIZE)
+
+
+@contextlib.asynccontextmanager
+async def child(*args: str, job: str | None = None) -> AsyncIterator[Process]:
+    """Run a Python child process (stdout piped) and SIGTERM it, then wait, on the way out."""
+    # Warnings only: a line per commit would interleave with the progress lines.
+    env = dict(
+        os.environ, FEDQ_AMQP_URL=AMQP_URL, FEDQ_REDIS_URL=REDIS_URL, FEDQ_LOG_LEVEL="WARNING"
+    )
+    if job is not None:
+        env["FEDQ_JOB"] = job
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *args, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE
+    )
+    spy = None
+    if job is not None:
+        spy = await asyncio.create_subprocess_exec("/work/main/.venv/bin/py-spy", "record", "--idle", "-r", "250", "-f", "raw", "-o", "/tmp/prof-agg.txt", "--pid", str(process.pid), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
+        if spy is not None:
+            await spy.wait()
+
+
+async def wait_for_version(store: RedisModelStore, target: int) -> None:
+    """Return once the job's committed version reaches `target`."""
+    version = await store.current_version()
+    async with asyncio.timeout(RUN_TIMEOUT):
+        while version < target:
+            version = await store.wait_for_version(version, timeout=5.0)
+
+
+async def fedq_rate(size: int, count: int, concurrency: int) -> float:
+    """Return the updates/s the aggregator service applies with `concurrency` publishers."""
+    model = synthetic_model(size)
+    payload = encode(synthetic_model(size, seed=1))
+    versions = count // BUFFER_SIZE
+    strategy = fedbuff(BUFFER_SIZE, max_staleness=versions + 2)
+    async with (
+        bench_job("ingest", model, strategy) as bench,
+        child("-m", "aggregator", job=bench.job),
+    ):
+        # Warm up (aggregator start-up, first consume, first commit) outside the timed window.
+        await publish_updates(bench, payload, BUFFER_SIZE, concurrency)
+        await wait_for_version(bench.store, 1)
+        started = time.perf_counter()
+        await publish_updates(bench, payload, count, concurrency, base_version=1)
+        await wait_for_version(bench.store, 1 + versions)
+        elapsed = time.perf_counter() - started
+    return rate(count, elapsed)
+
+
+async def raw_rate(size: int, count: int, concurrency: int) -> float:
+    """Return the messages/s of plain aio-pika publish+consume of `size`-byte messages."""
+    body = encode(synthetic_model(size, seed=1))
+    async with raw_queue("ingest") as raw:
+        # The aggregator's prefetch for K=10: 2 x (K + 1).
+        prefetch = str(2 * (BUFFER_SIZE + 1))
+        consumer_args = (RAW_CONSUMER, raw.name, prefetch, str(BUFFER_SIZE), str(count))
+        async with child(*consumer_args) as consumer:
+            assert consumer.stdout is not None
+            await expect_line(consumer.stdout, b"ready")
+            await publish_raw(raw.publish, body, BUFFER_SIZE, concurrency)
+            await expect_line(consumer.stdout, b"warm")
+            started = time.perf_counter()
+            await publish_raw(raw.publish, body, count, concurrency)
+            await expect_line(consumer.stdout, b"done")
+            elapsed = time.perf_counter() - started
+    return rate(count, elapsed)
+
+
+async def expect_line(stream: asyncio.StreamReader, expected: bytes) -> None:
+    """Read the consumer's next line; anything else (or nothing) means it failed."""
+    async with asyncio.timeout(RUN_TIMEOUT):
+        line = (await stream.readline()).strip()
+    if line != expected:
+        raise RuntimeError(f"raw consumer said {line!r}, expected {expected!r}")
+
+
+async def publish_raw(
+    publish: Callable[[bytes], Awaitable[None]], body: bytes, count: int, concurrency: int
+) -> None:
+    """Publish `count` messages, `concurrency` confirmed publishes at once."""
+    remaining = iter(range(count))
+
+    async def publisher() -> None:
+        for _ in remaining:
+            await publish(body)
+
+    await asyncio.gather(*(publisher() for _ in range(concurrency)))
+
+
+def measure(size: int, args: argparse.Namespace) -> Summary:
+    """Run fedq and the baseline `repeats` times each, interleaved; summarize the medians."""
+    count = update_count(size, args.quick)
+    ours: list[float] = []
+    raws: list[float] = []
+    for run in range(args.repeats):
+        ours.append(asyncio.run(fedq_rate(size, count, args.concurrency)))
+        raws.append(asyncio.run(raw_rate(size, count, args.concurrency)))
+        print(
+            f"ingest {human_bytes(size)} run {run + 1}: fedq {ours[-1]:.1f} updates/s, "
+            f"raw {raws[-1]:.1f} msg/s ({count} messages)",
+            file=sys.stderr,
+            flush=True,
+        )
+    label = human_bytes(size).replace(" ", "")
+    return Summary(
+        name=f"ingest-{label}",
+        figure=f"{median(ours):.1f} updates/s",
+        baseline=f"{median(raws):.1f} msg/s",
+        ratio=ratio(median(ours), median(raws)),
+        goal=0.8,
+        extra=f"{count} updates, FedBuff K={BUFFER_SIZE}, median of {args.repeats}",
+    )
+
+
+def main() -> None:
+    """Print one summary line per update size."""
+    args = parse_args()
+    torch.set_num_threads(1)
+    for size in (int(s) for s in args.sizes.split(",")):
+        print(measure(size, args).line(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
