@@ -115,10 +115,20 @@ class InclusionWatcher:
         self.bench = bench
         self.version = 0
         self.waiting: dict[str, asyncio.Future[float]] = {}
+        self.stopped = False
+
+    def stop(self) -> None:
+        """End `run` after its current read.
+
+        Not by cancelling: redis-py can swallow a cancellation that lands inside a command
+        (redis/redis-py#2028), and a swallowed one left `run` polling forever (a 60 s run hung
+        at its end this way).
+        """
+        self.stopped = True
 
     async def run(self) -> None:
         """Read each new version's meta and resolve its contributors' futures."""
-        while True:
+        while not self.stopped:
             # Polled rather than `wait_for_version` (XREAD BLOCK): in these runs that call
             # now and then did not return before the client's 120 s socket timeout.
             current = await self.bench.store.current_version()
@@ -160,9 +170,8 @@ async def fedq_stats(args: argparse.Namespace, seconds: float) -> WindowStats:
         try:
             return await closed_loop(send, args, seconds)
         finally:
-            watching.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watching
+            watcher.stop()
+            await watching
 
 
 @contextlib.asynccontextmanager
