@@ -22,7 +22,7 @@ async def serve(
     settings: AggregatorSettings, memory: MemoryBackends | None = None
 ) -> AggregatorStats:
     """Run one aggregator for `settings.job` until SIGTERM/SIGINT, fencing, or idle drain."""
-    if memory is None:
+    if memory is None and settings.torch_threads is not None:
         # A service owns its process (in-process runs share theirs and set it themselves).
         torch.set_num_threads(settings.torch_threads)
     if settings.upstream is not None:
