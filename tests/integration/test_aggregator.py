@@ -234,6 +234,28 @@ async def test_fedasync_mixes_with_the_base_version_of_a_stale_update(
         torch.testing.assert_close((await _model(backends, 2))["w"], INITIAL["w"] + 1.75)
 
 
+async def _commit_rival(store: ModelStore, expected_version: int) -> None:
+    """Commit the initial model as the next version, as another aggregator would."""
+    rival = encode(INITIAL)
+    meta = VersionMeta(
+        version=expected_version + 1,
+        created_at=0.0,
+        sha256=sha256_hex(rival),
+        model_bytes=len(rival),
+    )
+    await store.commit(expected_version, rival, meta)
+
+
+async def _assert_the_rival_won(backends: Backends, job_id: str) -> None:
+    """The rival's version 1 stands, nothing was applied, and both updates are queued again."""
+    assert await backends.store.current_version() == 1
+    torch.testing.assert_close((await _model(backends, 1))["w"], INITIAL["w"])
+    assert await backends.store.applied_count() == 0
+    await asyncio.sleep(0.2)
+    ready, _ = await backends.broker.queue_depth(job_id)
+    assert ready == 2
+
+
 class RivalStore:
     """The real store, except that a rival commits first whatever version is committed."""
 
@@ -241,13 +263,8 @@ class RivalStore:
         self._store = store
 
     async def commit(self, expected_version: int, model: bytes, meta: VersionMeta) -> None:
-        """Commit the rival's model (the initial one) as the version, then try ours."""
-        rival = encode(INITIAL)
-        version = expected_version + 1
-        rival_meta = VersionMeta(
-            version=version, created_at=0.0, sha256=sha256_hex(rival), model_bytes=len(rival)
-        )
-        await self._store.commit(expected_version, rival, rival_meta)
+        """Commit the rival's version, then try ours."""
+        await _commit_rival(self._store, expected_version)
         await self._store.commit(expected_version, model, meta)
 
     def __getattr__(self, name: str) -> object:
@@ -272,13 +289,7 @@ async def test_a_fenced_commit_stops_the_loop_with_no_update_left_to_handle(
         # Assert: its fencing ended the loop by itself (no idle timeout would have)
         assert running in done
         assert isinstance(running.exception(), Fenced)
-        # ...the rival's version stands and both updates are back in the queue
-        assert await backends.store.current_version() == 1
-        torch.testing.assert_close((await _model(backends, 1))["w"], INITIAL["w"])
-        assert await backends.store.applied_count() == 0
-        await asyncio.sleep(0.2)
-        ready, _ = await backends.broker.queue_depth(job_id)
-        assert ready == 2
+        await _assert_the_rival_won(backends, job_id)
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
@@ -292,22 +303,12 @@ async def test_a_fenced_aggregator_stops_and_acks_nothing(kind: str, job_id: str
             # Arrange: this aggregator buffers one update from version 0 ...
             await aggregator.handle(await anext(deliveries))
             # ... while another aggregator commits version 1
-            other = encode(INITIAL)
-            meta = VersionMeta(
-                version=1, created_at=0.0, sha256=sha256_hex(other), model_bytes=len(other)
-            )
-            await backends.store.commit(0, other, meta)
+            await _commit_rival(backends.store, 0)
             # Act / assert: the second update completes the buffer, and the commit is fenced
             with pytest.raises(Fenced):
                 await aggregator.handle(await anext(deliveries))
             await deliveries.aclose()
-        # Assert: the winner's version stands; both updates are back in the queue
-        assert await backends.store.current_version() == 1
-        torch.testing.assert_close((await _model(backends, 1))["w"], INITIAL["w"])
-        assert await backends.store.applied_count() == 0
-        await asyncio.sleep(0.2)
-        ready, _ = await backends.broker.queue_depth(job_id)
-        assert ready == 2
+        await _assert_the_rival_won(backends, job_id)
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
