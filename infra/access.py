@@ -73,7 +73,9 @@ def new_password() -> str:
 def rabbitmqctl_commands(creds: DeviceCredentials) -> list[list[str]]:
     """Return the `rabbitmqctl` command lines that create the device's broker user."""
     return [
-        ["rabbitmqctl", "add_user", creds.user, creds.password],
+        # `--` ends the options: a password may start with "-" (a generated one does, one
+        # time in 64), which rabbitmqctl would otherwise read as flags and refuse.
+        ["rabbitmqctl", "add_user", "--", creds.user, creds.password],
         [
             "rabbitmqctl",
             "set_permissions",

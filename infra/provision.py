@@ -65,7 +65,7 @@ async def apply_rabbitmq_user(creds: DeviceCredentials) -> None:
     if code != 0:
         if "user_already_exists" not in output and "already exists" not in output:
             raise ProvisionError(f"rabbitmqctl add_user failed: {output.strip()}")
-        change = ["rabbitmqctl", "change_password", creds.user, creds.password]
+        change = ["rabbitmqctl", "change_password", "--", creds.user, creds.password]
         await _checked(change)
     await _checked(set_permissions)
 

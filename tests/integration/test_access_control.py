@@ -31,7 +31,7 @@ from infra.amqp_broker import AmqpBroker, _Message
 from infra.errors import AccessDenied, PublishError
 from infra.keys import JobKeys
 from infra.memory_broker import MemoryBroker
-from infra.provision import apply_redis_user, delete_redis_user
+from infra.provision import apply_rabbitmq_user, apply_redis_user, delete_redis_user
 from infra.redis_store import RedisModelStore
 from schemas import StalenessConfig, StrategyConfig, TrainingConfig
 from schemas.codec import decode
@@ -350,3 +350,23 @@ async def test_a_wrong_password_is_access_denied_not_an_outage(
             await store.close()
         assert dev.creds.user == user
     assert time.monotonic() - started < 10.0
+
+
+async def test_a_password_that_starts_with_a_dash_is_created_and_changed() -> None:
+    # Arrange: base64url passwords start with "-" one time in 64 (CI once drew one)
+    user = f"acl-dash-{uuid.uuid4().hex[:8]}"
+    first = DeviceCredentials("unused", user, "-" + new_password())
+    second = DeviceCredentials("unused", user, "-" + new_password())
+    try:
+        # Act: create the user, then apply again with another password (change_password)
+        await apply_rabbitmq_user(first)
+        await apply_rabbitmq_user(second)
+        # Assert: the second password logs in, the first no longer does
+        broker = await AmqpBroker.connect(
+            with_user(AMQP_URL, user, second.password), publish_timeout=5.0
+        )
+        await broker.close()
+        with pytest.raises(AccessDenied):
+            await AmqpBroker.connect(with_user(AMQP_URL, user, first.password), publish_timeout=5.0)
+    finally:
+        _rabbitmqctl("delete_user", user)
