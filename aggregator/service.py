@@ -200,15 +200,10 @@ class Aggregator:
         self.consuming = True
         try:
             while not self._stopping.is_set():
-                first = asyncio.ensure_future(inbox.get())
-                try:
-                    await self._wait_for(first, stop_wait)
-                finally:
-                    if not first.done():
-                        first.cancel()
-                if not first.done() or first.cancelled():
+                first = await self._next(inbox, stop_wait)
+                if first is None:
                     break
-                items = [first.result()]
+                items = [first]
                 while not inbox.empty():
                     items.append(inbox.get_nowait())
                 await self.handle_batch([d for d in items if not isinstance(d, _End)])
@@ -230,16 +225,28 @@ class Aggregator:
                 await deliveries.aclose()
         return self.stats
 
-    async def _wait_for(self, delivery: asyncio.Future[Any], stop: asyncio.Future[Any]) -> None:
-        """Wait for the next delivery or a stop; a commit that fails meanwhile raises here, so
-        a fenced aggregator stops at once rather than at its next delivery."""
-        while not delivery.done() and not stop.done():
-            waits: set[asyncio.Future[Any]] = {delivery, stop}
-            if self._committing is not None:
-                waits.add(self._committing)
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            if self._committing is not None and self._committing.done():
-                await self.settle_commit()
+    async def _next(
+        self, inbox: asyncio.Queue[Delivery | _End], stop: asyncio.Future[Any]
+    ) -> Delivery | _End | None:
+        """Return the inbox's next item, or None on a stop; a commit that fails meanwhile
+        raises here, so a fenced aggregator stops at once rather than at its next delivery."""
+        taking = asyncio.ensure_future(inbox.get())
+        try:
+            while not taking.done() and not stop.done():
+                waits: set[asyncio.Future[Any]] = {taking, stop}
+                if self._committing is not None:
+                    waits.add(self._committing)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                await self._raise_if_commit_failed()
+        finally:
+            if not taking.done():
+                taking.cancel()
+        return taking.result() if taking.done() and not taking.cancelled() else None
+
+    async def _raise_if_commit_failed(self) -> None:
+        """Settle the commit in flight if it has ended, raising what it raised (Fenced)."""
+        if self._committing is not None and self._committing.done():
+            await self.settle_commit()
 
     async def handle_batch(self, batch: list[Delivery]) -> None:
         """Handle deliveries in order, reading their `applied` flags together.
@@ -255,8 +262,7 @@ class Aggregator:
             # A commit makes the flags stale: read them again for the rest of the batch.
             while batch and self.version == self._hint_version and not self._stopping.is_set():
                 await self._handle(batch.pop(0))
-                if self._committing is not None and self._committing.done():
-                    await self.settle_commit()  # raises what a failed commit raised (Fenced)
+                await self._raise_if_commit_failed()
         self._applied_hint = {}
 
     async def handle(self, delivery: Delivery) -> None:
@@ -442,9 +448,9 @@ class Aggregator:
 
     async def _commit(self, receipts: list[Receipt]) -> None:
         """Encode the new version and start committing it; the loop goes on meanwhile."""
-        started = time.perf_counter()
         # One commit in flight, and so one encoded model in memory, at a time.
         await self.settle_commit()
+        started = time.perf_counter()
         # One bytearray, written in one pass: no second copy of a big model on the way out;
         # hashed in the same thread hop, since hashing a big model would stall the event loop.
         model_bytes, model_sha256 = await asyncio.to_thread(_encode_and_hash, self.model)

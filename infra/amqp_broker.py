@@ -113,14 +113,14 @@ def roundtrip_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class _Properties(Basic.Properties):
-    """Basic properties whose headers table keeps floats as doubles."""
+    """Basic properties whose headers go out as the message's own table (floats as doubles)."""
 
-    # The headers' encoding, when the message already made it (see `_Message.header_table`).
-    header_table: bytes | None = None
+    # Set by `_Message.properties`, the only maker: the table `encode_headers` made once.
+    header_table: bytes
 
     def encode_property(self, name: str, value: Any) -> bytes:
         if name == "headers":
-            return self.header_table if self.header_table is not None else encode_headers(value)
+            return self.header_table
         return super().encode_property(name, value)
 
 
