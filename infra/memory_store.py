@@ -227,8 +227,11 @@ class MemoryModelStore:
         expires = self._hub.clock() + ttl_seconds
         self._hub.state(self.job).blobs[device_id, update_id] = (bytes(data), expires)
 
-    async def get_blob(self, device_id: str, update_id: str) -> bytes | None:
-        """Return a claim-check payload, or None once it expired or was deleted."""
+    async def get_blob(
+        self, device_id: str, update_id: str, into: bytearray | None = None
+    ) -> bytes | None:
+        """Return a claim-check payload, or None once it expired or was deleted (`into` is
+        not used: the stored bytes are returned as they are)."""
         await _checkpoint()
         blobs = self._hub.peek(self.job).blobs
         entry = blobs.get((device_id, update_id))

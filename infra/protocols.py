@@ -210,7 +210,8 @@ class ModelStore(Protocol):
 
         Records `meta.contributors` as applied, appends to the versions stream and prunes
         versions beyond the config's `versions_kept`. Raise VersionConflict (and change
-        nothing visible) if the current version is not `expected_version`.
+        nothing visible) if the current version is not `expected_version`. Keep no reference
+        to `model` after returning: the aggregator writes the next version into it.
         """
         ...
 
@@ -234,7 +235,15 @@ class ModelStore(Protocol):
         """Store a device's claim-check payload that expires after `ttl_seconds`."""
         ...
 
-    async def get_blob(self, device_id: str, update_id: str) -> ByteBuffer | None: ...
+    async def get_blob(
+        self, device_id: str, update_id: str, into: bytearray | None = None
+    ) -> ByteBuffer | None:
+        """Return a claim-check payload, or None once it expired or was deleted.
+
+        `into` is a scratch buffer the store may fill and return instead of allocating one
+        (when its length is exactly the payload's); the caller must not use it otherwise.
+        """
+        ...
 
     async def delete_blobs(self, blobs: Sequence[tuple[str, str]]) -> None:
         """Remove claim-check payloads given as (device id, update id) pairs."""

@@ -470,10 +470,13 @@ class RedisModelStore:
         await self._values.write(self._keys.blob(device_id, update_id), data, ex=ttl_seconds)
 
     @_unavailable_on_network_errors
-    async def get_blob(self, device_id: str, update_id: str) -> ByteBuffer | None:
-        """Return a claim-check payload, or None once it expired or was deleted."""
+    async def get_blob(
+        self, device_id: str, update_id: str, into: bytearray | None = None
+    ) -> ByteBuffer | None:
+        """Return a claim-check payload, or None once it expired or was deleted; a chunked
+        one is read into `into` if its length is right (see ModelStore.get_blob)."""
         key = self._keys.blob(device_id, update_id)
-        return await self._values.read(key)
+        return await self._values.read(key, into)
 
     @_unavailable_on_network_errors
     async def delete_blobs(self, blobs: Sequence[tuple[str, str]]) -> None:

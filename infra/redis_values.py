@@ -68,8 +68,12 @@ class ValueIO:
         await self.client.expire(temp, ex)
         await self.client.rename(temp, key)
 
-    async def read(self, key: str) -> ByteBuffer | None:
-        """Return the value at `key` (bytes, or a bytearray if chunked), None if absent."""
+    async def read(self, key: str, into: bytearray | None = None) -> ByteBuffer | None:
+        """Return the value at `key` (bytes, or a bytearray if chunked), None if absent.
+
+        A chunked value is read into `into` when its length is exactly the value's (memory
+        already faulted in costs less than fresh memory), else into a new bytearray.
+        """
         try:
             return cast(bytes | None, await self.client.get(key))
         except ResponseError as exc:
@@ -79,11 +83,13 @@ class ValueIO:
         size, chunk = await self.client.hmget(key, [_SIZE, _CHUNK])
         if size is None or chunk is None:
             return None
-        return await self._read_chunks(key, int(size), int(chunk))
+        return await self._read_chunks(key, int(size), int(chunk), into)
 
-    async def _read_chunks(self, key: str, size: int, chunk: int) -> bytearray | None:
+    async def _read_chunks(
+        self, key: str, size: int, chunk: int, into: bytearray | None
+    ) -> bytearray | None:
         deadline = _Deadline(self.deadline(size))
-        out = bytearray(size)
+        out = into if into is not None and len(into) == size else bytearray(size)
         for index, start in enumerate(range(0, size, chunk)):
             deadline.check()
             part = cast(bytes | None, await self.client.hget(key, str(index)))

@@ -59,10 +59,13 @@ def sha256_hex(data: ByteBuffer | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def encode_buffer(tensors: Tensors, codec: Codec = "none") -> bytearray:
-    """Serialize tensors to safetensors in one new bytearray (no intermediate copies)."""
+def encode_buffer(
+    tensors: Tensors, codec: Codec = "none", into: bytearray | None = None
+) -> bytearray:
+    """Serialize tensors to safetensors in one bytearray (no intermediate copies): `into` if
+    its length is exactly right, else a new one."""
     if is_compressed(codec):
-        return serialize(compress(tensors, codec))
+        return serialize(compress(tensors, codec), into)
     wire_dtype = _CODEC_DTYPES[codec]
     prepared: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
@@ -72,7 +75,7 @@ def encode_buffer(tensors: Tensors, codec: Codec = "none") -> bytearray:
         if wire_dtype is not None and t.is_floating_point():
             t = t.to(wire_dtype)
         prepared[name] = t
-    return serialize(prepared)
+    return serialize(prepared, into)
 
 
 def encode(tensors: Tensors, codec: Codec = "none") -> bytes:

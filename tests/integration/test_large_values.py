@@ -67,6 +67,26 @@ async def test_a_blob_of_any_size_round_trips_with_its_ttl(
     assert await _keys(client, job_id) == set()
 
 
+async def test_a_chunked_value_is_read_into_a_scratch_buffer_of_its_length(
+    store: RedisModelStore,
+) -> None:
+    # Arrange: a chunked blob, a plain one, and scratch buffers of other bytes
+    chunked, plain = os.urandom(3 * CHUNK + 5), os.urandom(CHUNK)
+    await store.put_blob("dev-0", "big", chunked, ttl_seconds=100)
+    await store.put_blob("dev-0", "small", plain, ttl_seconds=100)
+    right, wrong = bytearray(len(chunked)), bytearray(len(chunked) - 1)
+    # Act
+    into_right = await store.get_blob("dev-0", "big", right)
+    into_wrong = await store.get_blob("dev-0", "big", wrong)
+    small = await store.get_blob("dev-0", "small", bytearray(len(plain)))
+    # Assert: the value either way; only a chunked value of the buffer's length uses it
+    assert into_right is right and right == chunked
+    assert into_wrong is not wrong and into_wrong == chunked
+    assert wrong == bytearray(len(chunked) - 1)
+    assert small == plain
+    await store.delete_blobs([("dev-0", "big"), ("dev-0", "small")])
+
+
 async def test_chunked_models_commit_prune_and_delete_as_one_key(
     store: RedisModelStore, client: aioredis.Redis, job_id: str
 ) -> None:

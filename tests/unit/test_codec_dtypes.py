@@ -14,7 +14,13 @@ from torch.testing import assert_close
 
 from schemas import Rejection, RejectReason
 from schemas.codec import decode, decode_validated, encode, encode_buffer, schema_of
-from schemas.safetensors_format import FINITE_BLOCK, all_finite, deserialize, serialize
+from schemas.safetensors_format import (
+    FINITE_BLOCK,
+    all_finite,
+    deserialize,
+    has_no_views,
+    serialize,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -89,6 +95,37 @@ def test_a_bytearray_is_decoded_in_place_and_bytes_are_copied() -> None:
     # Assert: the tensor is the buffer's memory (no copy); bytes stayed as they were
     assert decode(buffer)["w"][0] == 1
     assert decode(frozen)["w"][0] == 0
+
+
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8"])
+def test_encoding_into_a_buffer_of_the_right_length_reuses_it(codec: str) -> None:
+    # Arrange: a buffer of the encoding's length, full of other bytes, and one byte too long
+    tensors = {"w": torch.linspace(-1, 1, 300), "b": torch.ones(7)}
+    expected = encode(tensors, codec)
+    right = bytearray(b"\xff" * len(expected))
+    wrong = bytearray(len(expected) + 1)
+    # Act
+    into_right = encode_buffer(tensors, codec, into=right)
+    into_wrong = encode_buffer(tensors, codec, into=wrong)
+    # Assert: the same bytes either way; only the right length is written into
+    assert into_right is right and bytes(right) == expected
+    assert into_wrong is not wrong and bytes(into_wrong) == expected
+    assert wrong == bytearray(len(expected) + 1)
+
+
+def test_a_buffer_has_views_while_a_tensor_decoded_from_it_lives() -> None:
+    # Arrange
+    buffer = encode_buffer({"w": torch.arange(10, dtype=torch.float32), "e": torch.ones(0)})
+    length = len(buffer)
+    # Act
+    tensors = decode(buffer)
+    held = has_no_views(buffer)
+    del tensors
+    free = has_no_views(buffer)
+    # Assert: refused while a view exists, allowed after; the check leaves the buffer as it was
+    assert not held
+    assert free
+    assert len(buffer) == length and decode(buffer)["w"][9] == 9
 
 
 @pytest.mark.parametrize("codec", CODECS)
