@@ -30,6 +30,7 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.uint8: "uint8",
     torch.bool: "bool",
 }
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 # The cast codecs; int8 and top-k live in schemas/compression.py.
 _CODEC_DTYPES: dict[Codec, torch.dtype | None] = {
     "none": None,
@@ -150,14 +151,19 @@ def validate(tensors: Tensors, schema: Mapping[str, TensorSpec], codec: Codec = 
 
 def restore_dtypes(tensors: Tensors, schema: Mapping[str, TensorSpec]) -> dict[str, torch.Tensor]:
     """Cast validated wire tensors back to the dtypes of the job's schema (undo fp16/bf16)."""
-    return {name: t.to(_dtype_from_name(schema[name].dtype)) for name, t in tensors.items()}
+    restored = {}
+    for name, t in tensors.items():
+        dtype = _dtype_from_name(schema[name].dtype)
+        # Already the schema's dtype (codec none): the tensor itself, not a `.to` per key.
+        restored[name] = t if t.dtype == dtype else t.to(dtype)
+    return restored
 
 
 def _dtype_from_name(name: str) -> torch.dtype:
-    for dtype, dname in _DTYPE_NAMES.items():
-        if dname == name:
-            return dtype
-    raise ValueError(f"unknown dtype name {name!r}")
+    dtype = _DTYPES_BY_NAME.get(name)
+    if dtype is None:
+        raise ValueError(f"unknown dtype name {name!r}")
+    return dtype
 
 
 def decode_validated(

@@ -40,6 +40,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
+_ITEMSIZES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _DTYPES.values()}
 _RANK = {code: rank for rank, code in enumerate(_DTYPES)}
 # The package refuses headers over 100 MB; a model schema is capped far lower anyway.
 MAX_HEADER_BYTES = 100_000_000
@@ -111,7 +112,7 @@ def _entry(name: str, raw: Any, data_len: int) -> tuple[torch.dtype, tuple[int, 
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
         raise _reject(f"{name!r}: bad data_offsets")
     begin, end = offsets
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _ITEMSIZES[dtype]
     if not begin <= end <= data_len or end - begin != math.prod(shape) * itemsize:
         raise _reject(f"{name!r}: data_offsets {offsets} do not fit shape {shape}")
     return dtype, tuple(shape), begin, end
@@ -177,15 +178,20 @@ def _tensor(
 ) -> torch.Tensor:
     if begin == end:
         return torch.empty(shape, dtype=dtype)
-    raw = torch.frombuffer(view[begin:end], dtype=torch.uint8)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if begin % itemsize:
+    # Through a memoryview slice, not the buffer itself: the slice holds an export of the
+    # buffer for as long as the tensor lives, which is what `has_no_views` tests.
+    part = view[begin:end]
+    if begin % _ITEMSIZES[dtype]:
         # A hand-made header may misalign a tensor; a copy is aligned for any kernel.
-        raw = raw.clone()
-    if dtype == torch.bool and bool((raw > 1).any()):
-        # torch reads any nonzero byte as a bool of undefined behaviour: refuse it.
-        raise _reject(f"{name!r}: bool bytes other than 0 and 1")
-    return raw.view(dtype).reshape(shape)
+        return torch.frombuffer(part, dtype=torch.uint8).clone().view(dtype).reshape(shape)
+    if dtype == torch.bool:
+        raw = torch.frombuffer(part, dtype=torch.uint8)
+        if bool((raw > 1).any()):
+            # torch reads any nonzero byte as a bool of undefined behaviour: refuse it.
+            raise _reject(f"{name!r}: bool bytes other than 0 and 1")
+        return raw.view(dtype).reshape(shape)
+    tensor = torch.frombuffer(part, dtype=dtype)
+    return tensor if len(shape) == 1 else tensor.reshape(shape)
 
 
 def has_no_views(buffer: bytearray) -> bool:
@@ -205,7 +211,7 @@ def has_no_views(buffer: bytearray) -> bool:
 
 def all_finite(tensor: torch.Tensor) -> bool:
     """Tell whether a floating tensor holds no NaN or Inf, in blocks of bounded memory."""
-    flat = tensor.reshape(-1)
+    flat = tensor if tensor.dim() == 1 else tensor.reshape(-1)
     # One pass, no temporary: a NaN or Inf anywhere makes the sum NaN or Inf, so a finite
     # sum proves every entry finite (15x faster than isfinite). A non-finite sum may just be
     # an overflow of big finite values: only then is every entry checked.
