@@ -6,9 +6,11 @@ A crash at any point therefore costs redeliveries, never updates, and the `appli
 Redis turns those redeliveries into no-ops.
 
 A commit runs while the next updates are folded: once the new model is encoded, its write to
-Redis, the acks and the announcement go on in a task, and the loop folds on top of the new
-version (`head`). One commit is in flight at most, and the next one waits for it, so versions
-stay in order and a fenced commit stops the loop before anything built on it is committed.
+Redis goes on in a task, and the loop folds on top of the new version (`head`). One commit is
+in flight at most, and the next one waits for it to be durable, so versions stay in order and
+a fenced commit stops the loop before anything built on it is committed. Once durable, a
+version's acks, blob deletions and announcement go on in a task of their own, after those of
+the version before, so the next commit does not wait for them.
 """
 
 from __future__ import annotations
@@ -112,8 +114,10 @@ class Aggregator:
         # the version is `_hint_version`, since a commit adds its contributors to the set.
         self._applied_hint: dict[str, bool] = {}
         self._hint_version = -1
-        # The commit in flight, if any (see the module docstring).
+        # The commit in flight, if any, and the settling of the last durable version (its
+        # acks, blobs and announcement); see the module docstring.
         self._committing: asyncio.Task[None] | None = None
+        self._settling: asyncio.Task[None] | None = None
         # Scratch buffers kept from one update to the next: the last committed version's
         # bytes, into which the next version is encoded, and the last claim-check payload's,
         # into which the next one is read. Memory already faulted in is several times faster
@@ -173,11 +177,12 @@ class Aggregator:
             )
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._committing is not None:
-            # Only after a failure: its deliveries stay unacked and come back to be deduped.
-            self._committing.cancel()
-            await asyncio.gather(self._committing, return_exceptions=True)
-            self._committing = None
+        for task in (self._committing, self._settling):
+            if task is not None:
+                # Only after a failure: its deliveries stay unacked and come back to be deduped.
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._committing = self._settling = None
         # Buffered deliveries are left unacked: closing the consumer returns them to the queue.
         self._pending.clear()
         self._pending_bytes.clear()
@@ -240,8 +245,7 @@ class Aggregator:
         try:
             while not taking.done() and not stop.done():
                 waits: set[asyncio.Future[Any]] = {taking, stop}
-                if self._committing is not None:
-                    waits.add(self._committing)
+                waits.update(t for t in (self._committing, self._settling) if t is not None)
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 await self._raise_if_commit_failed()
         finally:
@@ -250,9 +254,12 @@ class Aggregator:
         return taking.result() if taking.done() and not taking.cancelled() else None
 
     async def _raise_if_commit_failed(self) -> None:
-        """Settle the commit in flight if it has ended, raising what it raised (Fenced)."""
+        """Settle the commit or settling task that has ended, raising what it raised (Fenced)."""
         if self._committing is not None and self._committing.done():
-            await self.settle_commit()
+            await self._wait_durable()
+        if self._settling is not None and self._settling.done():
+            settling, self._settling = self._settling, None
+            await settling
 
     async def handle_batch(self, batch: list[Delivery]) -> None:
         """Handle deliveries in order, reading their `applied` flags together.
@@ -278,7 +285,15 @@ class Aggregator:
         await self.settle_commit()
 
     async def settle_commit(self) -> None:
-        """Wait for the commit in flight, if any; raise what it raised (Fenced, an outage)."""
+        """Wait for the commit in flight, if any, and its deliveries' settling; raise what
+        they raised (Fenced, an outage)."""
+        await self._wait_durable()
+        if self._settling is not None:
+            settling, self._settling = self._settling, None
+            await settling
+
+    async def _wait_durable(self) -> None:
+        """Wait for the commit in flight, if any, to be durable; raise what it raised."""
         if self._committing is not None:
             committing, self._committing = self._committing, None
             await committing
@@ -479,12 +494,16 @@ class Aggregator:
     async def _commit(self, receipts: list[Receipt]) -> None:
         """Encode the new version and start committing it; the loop goes on meanwhile."""
         # One commit in flight, and so one encoded model in memory, at a time.
-        await self.settle_commit()
+        await self._wait_durable()
         started = time.perf_counter()
         # One bytearray, written in one pass: no second copy of a big model on the way out;
-        # hashed in the same thread hop, since hashing a big model would stall the event loop.
+        # hashed in the same thread hop, since hashing a big model would stall the event loop
+        # (a small one is encoded on the loop: the hop would cost more than the work).
         spare, self._spare_model_bytes = self._spare_model_bytes, None
-        model_bytes, model_sha256 = await asyncio.to_thread(_encode_and_hash, self.model, spare)
+        if sum(t.numel() * t.element_size() for t in self.model.values()) < _THREAD_MIN_BYTES:
+            model_bytes, model_sha256 = _encode_and_hash(self.model, spare)
+        else:
+            model_bytes, model_sha256 = await asyncio.to_thread(_encode_and_hash, self.model, spare)
         meta = VersionMeta(
             version=self.head + 1,
             created_at=time.time(),
@@ -502,7 +521,7 @@ class Aggregator:
     async def _finish_commit(
         self, model_bytes: bytearray, meta: VersionMeta, started: float
     ) -> None:
-        """Make the version durable, then settle its deliveries and tell the agents."""
+        """Make the version durable, then start settling its deliveries."""
         try:
             await self._retry(lambda: self.store.commit(meta.version - 1, model_bytes, meta))
         except VersionConflict:
@@ -530,6 +549,21 @@ class Aggregator:
         deliveries = [self._pending.pop(update_id) for update_id in meta.contributors]
         for update_id in meta.contributors:
             self._pending_bytes.pop(update_id, None)
+        self._settling = asyncio.create_task(
+            self._settle_version(self._settling, deliveries, meta, started)
+        )
+
+    async def _settle_version(
+        self,
+        previous: asyncio.Task[None] | None,
+        deliveries: list[Delivery],
+        meta: VersionMeta,
+        started: float,
+    ) -> None:
+        """Ack a durable version's deliveries, delete its blobs and announce it, once the
+        version before it is settled (so announcements stay in order)."""
+        if previous is not None:
+            await previous
         # Acks, then the blobs and the announcement, each group at once rather than one by
         # one: the version is durable, so their order within a group does not matter.
         await asyncio.gather(*(_settle(delivery.ack()) for delivery in deliveries))

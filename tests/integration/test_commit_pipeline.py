@@ -1,0 +1,79 @@
+"""The commit pipeline: a version is committed while the previous one's deliveries are still
+being acked and announced, and announcements still go out in version order."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import pytest
+import torch
+
+from aggregator.service import Aggregator
+from infra.protocols import Broker, Delivery
+from schemas import StalenessConfig, StrategyConfig
+from schemas.codec import decode
+from tests.integration.helpers import INITIAL, Backends, delta, job_backends, update
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+# Every update a version of its own, each the last plus its delta.
+FEDBUFF_1 = StrategyConfig(
+    name="fedbuff", buffer_size=1, max_staleness=10, staleness=StalenessConfig(name="constant")
+)
+
+
+class HeldAnnouncements:
+    """The real broker, except that announcing a version waits at a gate the test opens."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self.gate = asyncio.Event()
+        self.announced: list[int] = []
+
+    async def announce_version(self, job: str, version: int) -> None:
+        """Announce once the gate is open, noting the order."""
+        await self.gate.wait()
+        self.announced.append(version)
+        await self._broker.announce_version(job, version)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._broker, name)
+
+
+async def _deliveries(backends: Backends, values: list[float]) -> tuple[Any, list[Delivery]]:
+    job = backends.config.job
+    for value in values:
+        headers, body, update_id = update(job, delta(value))
+        await backends.broker.publish_raw(job, body, headers=headers, message_id=update_id)
+    stream = backends.broker.consume(job, prefetch=10)
+    return stream, [await anext(stream) for _ in values]
+
+
+@pytest.mark.parametrize("kind", ["real", "memory"])
+async def test_versions_are_committed_while_the_last_ones_are_still_announced(
+    kind: str, job_id: str
+) -> None:
+    async with job_backends(kind, job_id, FEDBUFF_1) as backends:
+        # Arrange: three updates, three versions; no announcement can finish yet
+        broker = HeldAnnouncements(backends.broker)
+        stream, deliveries = await _deliveries(backends, [1.0, 2.0, 4.0])
+        try:
+            async with Aggregator(
+                job=job_id, broker=cast(Broker, broker), store=backends.store, retry_seconds=0.1
+            ) as aggregator:
+                # Act: all three are folded and committed with version 1 still unannounced
+                # (before, the second commit waited for the first announcement: a timeout)
+                await asyncio.wait_for(aggregator.handle_batch(deliveries), timeout=10)
+                durable = await backends.store.wait_for_version(after=2, timeout=10)
+                announced_meanwhile = list(broker.announced)
+                broker.gate.set()
+                await aggregator.settle_commit()
+        finally:
+            await stream.aclose()
+        # Assert: durable before any announcement, then announced in order and all acked
+        assert (durable, announced_meanwhile) == (3, [])
+        assert broker.announced == [1, 2, 3]
+        assert await backends.broker.queue_depth(job_id) == (0, 0)
+        model = await backends.store.get_model(3)
+        assert model is not None
+        torch.testing.assert_close(decode(model)["w"], INITIAL["w"] + 7.0)
