@@ -51,8 +51,8 @@ Model = dict[str, torch.Tensor]
 # Where a validated update goes instead of the strategy (edge mode, aggregator/edge.py).
 UpdateSink = Callable[[UpdateHeader, Delivery, Contribution], Awaitable[None]]
 _BASE_CACHE_SIZE = 3
-# Below this payload size, hashing, decoding and folding an update take less time than the
-# hop to a worker thread and back, so they run on the event loop.
+# Below this many bytes, hashing, decoding and folding an update (or encoding a model) take
+# less time than the hop to a worker thread and back, so they run on the event loop.
 _THREAD_MIN_BYTES = 256 * 1024
 
 
@@ -258,8 +258,7 @@ class Aggregator:
         if self._committing is not None and self._committing.done():
             await self._wait_durable()
         if self._settling is not None and self._settling.done():
-            settling, self._settling = self._settling, None
-            await settling
+            await self._wait_settled()
 
     async def handle_batch(self, batch: list[Delivery]) -> None:
         """Handle deliveries in order, reading their `applied` flags together.
@@ -288,15 +287,19 @@ class Aggregator:
         """Wait for the commit in flight, if any, and its deliveries' settling; raise what
         they raised (Fenced, an outage)."""
         await self._wait_durable()
-        if self._settling is not None:
-            settling, self._settling = self._settling, None
-            await settling
+        await self._wait_settled()
 
     async def _wait_durable(self) -> None:
         """Wait for the commit in flight, if any, to be durable; raise what it raised."""
         if self._committing is not None:
             committing, self._committing = self._committing, None
             await committing
+
+    async def _wait_settled(self) -> None:
+        """Wait for the last durable version's settling, if any; raise what it raised."""
+        if self._settling is not None:
+            settling, self._settling = self._settling, None
+            await settling
 
     async def _handle(self, delivery: Delivery) -> None:
         self.stats.received += 1
@@ -384,9 +387,7 @@ class Aggregator:
         self._pending[header.update_id] = delivery
         self._pending_bytes[header.update_id] = header.payload_bytes
         try:
-            if header.payload_bytes < _THREAD_MIN_BYTES:
-                return add()
-            return await asyncio.to_thread(add)
+            return await _off_loop_if_big(header.payload_bytes, add)
         except BaseException:
             del self._pending[header.update_id]
             del self._pending_bytes[header.update_id]
@@ -497,13 +498,12 @@ class Aggregator:
         await self._wait_durable()
         started = time.perf_counter()
         # One bytearray, written in one pass: no second copy of a big model on the way out;
-        # hashed in the same thread hop, since hashing a big model would stall the event loop
-        # (a small one is encoded on the loop: the hop would cost more than the work).
+        # hashed in the same hop, since hashing a big model would stall the event loop.
         spare, self._spare_model_bytes = self._spare_model_bytes, None
-        if sum(t.numel() * t.element_size() for t in self.model.values()) < _THREAD_MIN_BYTES:
-            model_bytes, model_sha256 = _encode_and_hash(self.model, spare)
-        else:
-            model_bytes, model_sha256 = await asyncio.to_thread(_encode_and_hash, self.model, spare)
+        model_bytes, model_sha256 = await _off_loop_if_big(
+            sum(t.numel() * t.element_size() for t in self.model.values()),
+            lambda: _encode_and_hash(self.model, spare),
+        )
         meta = VersionMeta(
             version=self.head + 1,
             created_at=time.time(),
@@ -603,6 +603,14 @@ class Aggregator:
         return await retry_unavailable(
             operation, first_delay=self._retry_seconds, give_up=self._stopping
         )
+
+
+async def _off_loop_if_big(nbytes: int, work: Callable[[], T]) -> T:
+    """Run `work` on `nbytes` in a worker thread, or on the event loop under
+    `_THREAD_MIN_BYTES`, where the hop would cost more than the work."""
+    if nbytes < _THREAD_MIN_BYTES:
+        return work()
+    return await asyncio.to_thread(work)
 
 
 def _encode_and_hash(model: Model, into: bytearray | None) -> tuple[bytearray, str]:

@@ -112,12 +112,12 @@ async def pipeline_seconds(size: int, workdir: Path) -> tuple[float, float, int]
         payload = encode(synthetic_model(size, seed=1))
         sha256 = sha256_hex(payload)
         seconds: list[float] = []
+        store = bench.store
         async with aggregator_process(bench, workdir / f"{bench.job}.log") as peak:
             for base_version in (0, 1):
                 header = update_header(bench.config, payload, sha256, base_version=base_version)
                 started = time.perf_counter()
-                await send_update(bench.broker, bench.store, bench.config, header, payload)
-                store = bench.store
+                await send_update(bench.broker, store, bench.config, header, payload)
                 version = await store.wait_for_version(after=base_version, timeout=RUN_TIMEOUT)
                 seconds.append(time.perf_counter() - started)
                 if version <= base_version:

@@ -83,8 +83,7 @@ def serialize(tensors: Mapping[str, torch.Tensor], into: bytearray | None = None
     """
     header, ordered = _header(tensors)
     total = sum(t.numel() * t.element_size() for _, t in ordered)
-    size = 8 + len(header) + total
-    out = into if into is not None and len(into) == size else bytearray(size)
+    out = reuse_or_allocate(into, 8 + len(header) + total)
     out[:8] = struct.pack("<Q", len(header))
     out[8 : 8 + len(header)] = header
     position = 8 + len(header)
@@ -192,6 +191,12 @@ def _tensor(
         return raw.view(dtype).reshape(shape)
     tensor = torch.frombuffer(part, dtype=dtype)
     return tensor if len(shape) == 1 else tensor.reshape(shape)
+
+
+def reuse_or_allocate(into: bytearray | None, size: int) -> bytearray:
+    """Return `into` if it holds exactly `size` bytes (memory already faulted in), else a new
+    bytearray of `size`."""
+    return into if into is not None and len(into) == size else bytearray(size)
 
 
 def has_no_views(buffer: bytearray) -> bool:

@@ -91,14 +91,16 @@ async def redis_tiny_job(job: str, strategy: StrategyConfig) -> AsyncIterator[Re
         await store.close()
 
 
-async def drain(backends: Backends, idle: float = 1.0) -> Aggregator:
-    """Run an aggregator on the job until its queue has been idle for `idle` seconds."""
+async def drain(backends: Backends, idle: float = 1.0, **options: Any) -> Aggregator:
+    """Run an aggregator on the job until its queue has been idle for `idle` seconds;
+    `options` are further Aggregator arguments (e.g. sink=...)."""
     async with Aggregator(
         job=backends.config.job,
         broker=backends.broker,
         store=backends.store,
         idle_timeout=idle,
         retry_seconds=0.1,
+        **options,
     ) as aggregator:
         await aggregator.run()
     return aggregator

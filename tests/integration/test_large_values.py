@@ -16,18 +16,10 @@ from infra.redis_store import RedisModelStore
 from infra.redis_values import ValueIO
 from schemas import JobConfig, VersionMeta
 from schemas.codec import sha256_hex
-from tests.conftest import REDIS_URL
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 CHUNK = 1024
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aioredis.Redis]:
-    redis_client = aioredis.Redis.from_url(REDIS_URL, decode_responses=False)
-    yield redis_client
-    await redis_client.aclose()
 
 
 @pytest.fixture

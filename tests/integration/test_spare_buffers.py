@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, cast
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
 import torch
 
-from aggregator.service import Aggregator
 from aggregator.strategies import Contribution
 from device_agent.sender import send_update
 from infra.protocols import Delivery, ModelStore
@@ -23,8 +22,7 @@ from infra.redis_values import ValueIO
 from schemas import StalenessConfig, StrategyConfig, UpdateHeader, VersionMeta
 from schemas.codec import decode, encode, sha256_hex
 from schemas.safetensors_format import ByteBuffer
-from tests.conftest import REDIS_URL
-from tests.integration.helpers import INITIAL, Backends, delta, job_backends
+from tests.integration.helpers import INITIAL, Backends, delta, drain, job_backends
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -63,13 +61,6 @@ class SpyStore:
         return getattr(self.store, name)
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[aioredis.Redis]:
-    redis_client = aioredis.Redis.from_url(REDIS_URL, decode_responses=False)
-    yield redis_client
-    await redis_client.aclose()
-
-
 async def _send_blobs(backends: Backends, store: ModelStore, values: Sequence[float]) -> None:
     """Send one claim-check update per value, each from version 0 (staleness allows it)."""
     for index, value in enumerate(values):
@@ -88,19 +79,6 @@ async def _send_blobs(backends: Backends, store: ModelStore, values: Sequence[fl
         await send_update(backends.broker, store, backends.config, header, payload)
 
 
-async def _drain(backends: Backends, store: SpyStore, **options: Any) -> Aggregator:
-    async with Aggregator(
-        job=backends.config.job,
-        broker=backends.broker,
-        store=cast(ModelStore, store),
-        idle_timeout=1.0,
-        retry_seconds=0.1,
-        **options,
-    ) as aggregator:
-        await aggregator.run()
-    return aggregator
-
-
 async def test_versions_reuse_the_buffers_and_every_committed_version_stays_intact(
     client: aioredis.Redis, job_id: str
 ) -> None:
@@ -109,7 +87,7 @@ async def test_versions_reuse_the_buffers_and_every_committed_version_stays_inta
         spy = SpyStore(RedisModelStore(client, job_id, values=ValueIO(client, chunk_bytes=CHUNK)))
         await _send_blobs(backends, spy.store, [1.0, 2.0, 4.0])
         # Act
-        aggregator = await _drain(backends, spy)
+        aggregator = await drain(replace(backends, store=cast(ModelStore, spy)))
         # Assert: each version encoded into the bytes of the one before, each payload read
         # into the one before...
         assert aggregator.stats.versions == 3
@@ -143,7 +121,7 @@ async def test_a_payload_whose_tensors_are_still_held_is_never_read_over(
 
         await _send_blobs(backends, spy.store, [1.0, 2.0, 4.0])
         # Act
-        await _drain(backends, spy, sink=keep)
+        await drain(replace(backends, store=cast(ModelStore, spy)), sink=keep)
         # Assert: each kept delta still has its own values, since no read was given a buffer
         # whose views the sink holds
         assert [float(c.delta["w"][0]) for c in kept] == [1.0, 2.0, 4.0]
