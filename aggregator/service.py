@@ -226,13 +226,14 @@ class Aggregator:
         finally:
             self.consuming = False
             stop_wait.cancel()
-            # Deliveries still in the inbox are unacked: closing the stream gives them back.
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
             try:
-                # Its acks need the consumer's channel, so before the stream closes.
+                # Before the reader goes: cancelling it closes the consumer's channel, which
+                # the acks of the versions still settling need.
                 await self.settle_commit()
             finally:
+                # Deliveries still in the inbox are unacked: closing the stream gives them back.
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
                 await deliveries.aclose()
         return self.stats
 

@@ -77,3 +77,29 @@ async def test_versions_are_committed_while_the_last_ones_are_still_announced(
         model = await backends.store.get_model(3)
         assert model is not None
         torch.testing.assert_close(decode(model)["w"], INITIAL["w"] + 7.0)
+
+
+@pytest.mark.parametrize("kind", ["real", "memory"])
+async def test_a_stop_lets_the_versions_still_settling_ack_on_the_open_consumer(
+    kind: str, job_id: str
+) -> None:
+    async with job_backends(kind, job_id, FEDBUFF_1) as backends:
+        # Arrange: three versions committed by a running aggregator, their settling held
+        broker = HeldAnnouncements(backends.broker)
+        for value in [1.0, 2.0, 4.0]:
+            headers, body, update_id = update(job_id, delta(value))
+            await backends.broker.publish_raw(job_id, body, headers=headers, message_id=update_id)
+        async with Aggregator(
+            job=job_id, broker=cast(Broker, broker), store=backends.store, retry_seconds=0.1
+        ) as aggregator:
+            running = asyncio.create_task(aggregator.run())
+            await backends.store.wait_for_version(after=2, timeout=10)
+            # Act: stop while versions 2 and 3 still wait to be acked, then let them settle
+            aggregator.stop()
+            await asyncio.sleep(0.3)
+            broker.gate.set()
+            await asyncio.wait_for(running, timeout=10)
+        # Assert: every committed update was acked (before, the stop closed the consumer's
+        # channel first: the late acks failed and the updates came back as redeliveries)
+        assert broker.announced == [1, 2, 3]
+        assert await backends.broker.queue_depth(job_id) == (0, 0)
