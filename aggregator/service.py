@@ -108,7 +108,8 @@ class Aggregator:
         self._sink = sink
         self._stopping = asyncio.Event()
         self._pending: dict[str, Delivery] = {}
-        self._pending_bytes: dict[str, int] = {}
+        # The headers of the pending updates: their sizes and which came by claim-check.
+        self._pending_headers: dict[str, UpdateHeader] = {}
         self._base_cache: dict[int, Model] = {}
         # `applied` flags of the deliveries at hand, read in one SMISMEMBER; only valid while
         # the version is `_hint_version`, since a commit adds its contributors to the set.
@@ -185,7 +186,7 @@ class Aggregator:
         self._committing = self._settling = None
         # Buffered deliveries are left unacked: closing the consumer returns them to the queue.
         self._pending.clear()
-        self._pending_bytes.clear()
+        self._pending_headers.clear()
         self.strategy.reset()
 
     @property
@@ -386,12 +387,12 @@ class Aggregator:
         """Run `add` (which folds the update), holding the delivery meanwhile; in a thread
         unless the update is small."""
         self._pending[header.update_id] = delivery
-        self._pending_bytes[header.update_id] = header.payload_bytes
+        self._pending_headers[header.update_id] = header
         try:
             return await _off_loop_if_big(header.payload_bytes, add)
         except BaseException:
             del self._pending[header.update_id]
-            del self._pending_bytes[header.update_id]
+            del self._pending_headers[header.update_id]
             raise
 
     def _timed_add(self, contribution: Contribution) -> list[Receipt] | None:
@@ -514,7 +515,7 @@ class Aggregator:
             devices=[r.device_id for r in receipts],
             staleness=[r.staleness for r in receipts],
             num_samples=sum(r.num_samples for r in receipts),
-            update_bytes=sum(self._pending_bytes.get(r.update_id, 0) for r in receipts),
+            update_bytes=sum(self._pending_headers[r.update_id].payload_bytes for r in receipts),
         )
         self.head = meta.version
         self._committing = asyncio.create_task(self._finish_commit(model_bytes, meta, started))
@@ -548,16 +549,19 @@ class Aggregator:
         )
         # Popped only now: a redelivery meanwhile replaced its entry, and this acks the newest.
         deliveries = [self._pending.pop(update_id) for update_id in meta.contributors]
-        for update_id in meta.contributors:
-            self._pending_bytes.pop(update_id, None)
+        headers = [self._pending_headers.pop(update_id) for update_id in meta.contributors]
+        # Only claim-check updates have a blob to delete: a version of inline ones settles
+        # without a Redis call.
+        blobs = [(h.device_id, h.update_id) for h in headers if h.payload == "blob"]
         self._settling = asyncio.create_task(
-            self._settle_version(self._settling, deliveries, meta, started)
+            self._settle_version(self._settling, deliveries, blobs, meta, started)
         )
 
     async def _settle_version(
         self,
         previous: asyncio.Task[None] | None,
         deliveries: list[Delivery],
+        blobs: list[tuple[str, str]],
         meta: VersionMeta,
         started: float,
     ) -> None:
@@ -568,7 +572,6 @@ class Aggregator:
         # Acks, then the blobs and the announcement, each group at once rather than one by
         # one: the version is durable, so their order within a group does not matter.
         await asyncio.gather(*(_settle(delivery.ack()) for delivery in deliveries))
-        blobs = list(zip(meta.devices, meta.contributors, strict=True))
         await asyncio.gather(
             self._retry(lambda: self.store.delete_blobs(blobs)),
             self.broker.announce_version(self.job, meta.version),

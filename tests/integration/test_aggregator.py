@@ -213,6 +213,32 @@ async def test_large_update_goes_by_claim_check_and_its_blob_is_removed(
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
+async def test_a_version_deletes_the_blobs_of_its_claim_check_updates_only(
+    kind: str, job_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with job_backends(kind, job_id, FEDBUFF_2) as backends:
+        # Arrange: one version of a claim-check update and an inline one
+        headers, body, blob_id = _as_blob(update(job_id, delta(2.0), device_id="dev-0"))
+        await backends.store.put_blob("dev-0", blob_id, body, 60)
+        await backends.broker.publish_raw(job_id, b"", headers=headers, message_id=blob_id)
+        await _publish(backends, update(job_id, delta(4.0), device_id="dev-1"))
+        deleted: list[list[tuple[str, str]]] = []
+        delete_blobs = backends.store.delete_blobs
+
+        async def spy(blobs: list[tuple[str, str]]) -> None:
+            deleted.append(list(blobs))
+            await delete_blobs(blobs)
+
+        monkeypatch.setattr(backends.store, "delete_blobs", spy)
+        # Act
+        await drain(backends)
+        # Assert: the blob is gone, and only it was asked for (an inline update has none)
+        assert await backends.store.current_version() == 1
+        assert await backends.store.get_blob("dev-0", blob_id) is None
+        assert deleted == [[("dev-0", blob_id)]]
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
 async def test_fedasync_mixes_with_the_base_version_of_a_stale_update(
     kind: str, job_id: str
 ) -> None:
