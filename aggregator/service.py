@@ -565,17 +565,15 @@ class Aggregator:
         meta: VersionMeta,
         started: float,
     ) -> None:
-        """Ack a durable version's deliveries, delete its blobs and announce it, once the
-        version before it is settled (so announcements stay in order)."""
+        """Ack a durable version's deliveries and delete its blobs, then announce it once the
+        version before it is announced (so announcements stay in order)."""
+        # The acks need only this version durable: waiting for the last announcement's
+        # confirm too would hold the prefetch window, and with it the next deliveries.
+        await asyncio.gather(*(_settle(delivery.ack()) for delivery in deliveries))
+        await self._retry(lambda: self.store.delete_blobs(blobs))
         if previous is not None:
             await previous
-        # Acks, then the blobs and the announcement, each group at once rather than one by
-        # one: the version is durable, so their order within a group does not matter.
-        await asyncio.gather(*(_settle(delivery.ack()) for delivery in deliveries))
-        await asyncio.gather(
-            self._retry(lambda: self.store.delete_blobs(blobs)),
-            self.broker.announce_version(self.job, meta.version),
-        )
+        await self.broker.announce_version(self.job, meta.version)
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
 
     def _count_commit(self, meta: VersionMeta) -> None:

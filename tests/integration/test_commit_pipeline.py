@@ -4,6 +4,8 @@ being acked and announced, and announcements still go out in version order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
@@ -49,6 +51,29 @@ async def _deliveries(backends: Backends, values: list[float]) -> tuple[Any, lis
     return stream, [await anext(stream) for _ in values]
 
 
+async def wait_until(predicate: Callable[[], bool], timeout: float) -> None:
+    """Poll `predicate` until it holds; TimeoutError after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110 - acks raise no event to wait on
+            await asyncio.sleep(0.01)
+
+
+class AckSpy:
+    """A delivery that notes when it is acked."""
+
+    def __init__(self, delivery: Delivery, acked: list[str | None]) -> None:
+        self._delivery = delivery
+        self._acked = acked
+
+    async def ack(self) -> None:
+        """Ack, then note the message id."""
+        await self._delivery.ack()
+        self._acked.append(self._delivery.message_id)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._delivery, name)
+
+
 @pytest.mark.parametrize("kind", ["real", "memory"])
 async def test_versions_are_committed_while_the_last_ones_are_still_announced(
     kind: str, job_id: str
@@ -57,21 +82,28 @@ async def test_versions_are_committed_while_the_last_ones_are_still_announced(
         # Arrange: three updates, three versions; no announcement can finish yet
         broker = HeldAnnouncements(backends.broker)
         stream, deliveries = await _deliveries(backends, [1.0, 2.0, 4.0])
+        acked: list[str | None] = []
+        spies = [cast(Delivery, AckSpy(delivery, acked)) for delivery in deliveries]
         try:
             async with Aggregator(
                 job=job_id, broker=cast(Broker, broker), store=backends.store, retry_seconds=0.1
             ) as aggregator:
                 # Act: all three are folded and committed with version 1 still unannounced
                 # (before, the second commit waited for the first announcement: a timeout)
-                await asyncio.wait_for(aggregator.handle_batch(deliveries), timeout=10)
+                await asyncio.wait_for(aggregator.handle_batch(spies), timeout=10)
                 durable = await backends.store.wait_for_version(after=2, timeout=10)
+                # and all three acked meanwhile (before, a version's acks waited for the
+                # last one's announcement, and so held the prefetch window)
+                with contextlib.suppress(TimeoutError):
+                    await wait_until(lambda: len(acked) == 3, timeout=5)
+                acked_meanwhile = len(acked)
                 announced_meanwhile = list(broker.announced)
                 broker.gate.set()
                 await aggregator.settle_commit()
         finally:
             await stream.aclose()
-        # Assert: durable before any announcement, then announced in order and all acked
-        assert (durable, announced_meanwhile) == (3, [])
+        # Assert: durable and acked before any announcement, then announced in order
+        assert (durable, acked_meanwhile, announced_meanwhile) == (3, 3, [])
         assert broker.announced == [1, 2, 3]
         assert await backends.broker.queue_depth(job_id) == (0, 0)
         model = await backends.store.get_model(3)
