@@ -29,6 +29,7 @@ from bench.measure import median
 
 PREFETCH = 22  # the aggregator's for FedBuff K=10: 2 x (K + 1)
 PUBLISH_BATCH = 50
+TIMEOUT = 300.0  # seconds for one consumer to take the whole queue
 
 
 async def fill(channel: aio_pika.abc.AbstractChannel, queue: str, count: int, size: int) -> None:
@@ -72,7 +73,8 @@ async def with_aio_pika(queue: str, count: int) -> float:
 
         started = time.process_time()
         await source.consume(on_message)
-        await done.wait()
+        async with asyncio.timeout(TIMEOUT):
+            await done.wait()
         return time.process_time() - started
 
 
@@ -97,7 +99,8 @@ async def with_aiormq(queue: str, count: int) -> float:
 
         started = time.process_time()
         await channel.basic_consume(queue, on_message)
-        await done.wait()
+        async with asyncio.timeout(TIMEOUT):
+            await done.wait()
         return time.process_time() - started
     finally:
         await connection.close()
