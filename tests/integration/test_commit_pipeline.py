@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from aggregator.service import Aggregator
-from infra.protocols import Broker, Delivery
+from infra.protocols import Broker, Delivery, DeliveryStream
 from schemas import StalenessConfig, StrategyConfig
 from schemas.codec import decode
 from tests.integration.helpers import INITIAL, Backends, delta, job_backends, update
@@ -42,13 +42,56 @@ class HeldAnnouncements:
         return getattr(self._broker, name)
 
 
-async def _deliveries(backends: Backends, values: list[float]) -> tuple[Any, list[Delivery]]:
+class HeldSettling(HeldAnnouncements):
+    """Also holds the ack of every delivery it hands out at the same gate."""
+
+    def __init__(self, broker: Broker) -> None:
+        super().__init__(broker)
+        self.acked: list[str | None] = []
+
+    def consume(self, job: str, **options: Any) -> DeliveryStream:
+        """Consume, each delivery's ack waiting for the gate."""
+        return _HeldStream(self._broker.consume(job, **options), self.gate, self.acked)
+
+
+class _HeldStream:
+    def __init__(self, stream: DeliveryStream, gate: asyncio.Event, acked: list[str | None]):
+        self._stream = stream
+        self._gate = gate
+        self._acked = acked
+
+    def __aiter__(self) -> _HeldStream:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        delivery = await anext(self._stream)
+        return cast(Delivery, AckSpy(delivery, self._acked, self._gate))
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def _publish(backends: Backends, values: list[float]) -> None:
+    """Publish one update per value, each its delta."""
     job = backends.config.job
     for value in values:
         headers, body, update_id = update(job, delta(value))
         await backends.broker.publish_raw(job, body, headers=headers, message_id=update_id)
-    stream = backends.broker.consume(job, prefetch=10)
+
+
+async def _deliveries(backends: Backends, values: list[float]) -> tuple[Any, list[Delivery]]:
+    await _publish(backends, values)
+    stream = backends.broker.consume(backends.config.job, prefetch=10)
     return stream, [await anext(stream) for _ in values]
+
+
+def _aggregator(backends: Backends, broker: HeldAnnouncements) -> Aggregator:
+    return Aggregator(
+        job=backends.config.job,
+        broker=cast(Broker, broker),
+        store=backends.store,
+        retry_seconds=0.1,
+    )
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float) -> None:
@@ -59,14 +102,19 @@ async def wait_until(predicate: Callable[[], bool], timeout: float) -> None:
 
 
 class AckSpy:
-    """A delivery that notes when it is acked."""
+    """A delivery that notes when it is acked, and acks only once `gate` (if any) is open."""
 
-    def __init__(self, delivery: Delivery, acked: list[str | None]) -> None:
+    def __init__(
+        self, delivery: Delivery, acked: list[str | None], gate: asyncio.Event | None = None
+    ) -> None:
         self._delivery = delivery
         self._acked = acked
+        self._gate = gate
 
     async def ack(self) -> None:
-        """Ack, then note the message id."""
+        """Ack (after the gate), then note the message id."""
+        if self._gate is not None:
+            await self._gate.wait()
         await self._delivery.ack()
         self._acked.append(self._delivery.message_id)
 
@@ -85,9 +133,7 @@ async def test_versions_are_committed_while_the_last_ones_are_still_announced(
         acked: list[str | None] = []
         spies = [cast(Delivery, AckSpy(delivery, acked)) for delivery in deliveries]
         try:
-            async with Aggregator(
-                job=job_id, broker=cast(Broker, broker), store=backends.store, retry_seconds=0.1
-            ) as aggregator:
+            async with _aggregator(backends, broker) as aggregator:
                 # Act: all three are folded and committed with version 1 still unannounced
                 # (before, the second commit waited for the first announcement: a timeout)
                 await asyncio.wait_for(aggregator.handle_batch(spies), timeout=10)
@@ -116,17 +162,13 @@ async def test_a_stop_lets_the_versions_still_settling_ack_on_the_open_consumer(
     kind: str, job_id: str
 ) -> None:
     async with job_backends(kind, job_id, FEDBUFF_1) as backends:
-        # Arrange: three versions committed by a running aggregator, their settling held
-        broker = HeldAnnouncements(backends.broker)
-        for value in [1.0, 2.0, 4.0]:
-            headers, body, update_id = update(job_id, delta(value))
-            await backends.broker.publish_raw(job_id, body, headers=headers, message_id=update_id)
-        async with Aggregator(
-            job=job_id, broker=cast(Broker, broker), store=backends.store, retry_seconds=0.1
-        ) as aggregator:
+        # Arrange: three versions committed by a running aggregator, their acks held
+        broker = HeldSettling(backends.broker)
+        await _publish(backends, [1.0, 2.0, 4.0])
+        async with _aggregator(backends, broker) as aggregator:
             running = asyncio.create_task(aggregator.run())
             await backends.store.wait_for_version(after=2, timeout=10)
-            # Act: stop while versions 2 and 3 still wait to be acked, then let them settle
+            # Act: stop while the three versions still wait to be acked, then let them settle
             aggregator.stop()
             await asyncio.sleep(0.3)
             broker.gate.set()
