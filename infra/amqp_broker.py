@@ -30,6 +30,7 @@ from pamqp import encode as amqp_encode
 from pamqp.commands import Basic
 
 from infra import keys
+from infra.amqp_acks import ChannelAcks
 from infra.errors import (
     AccessDenied,
     BackendUnavailable,
@@ -607,10 +608,14 @@ class AmqpDelivery:
     CPU that consuming a 100 KB message costs (bench/consume_cost.py).
     """
 
-    def __init__(self, broker: AmqpBroker, job: str, message: DeliveredMessage) -> None:
+    def __init__(
+        self, broker: AmqpBroker, job: str, message: DeliveredMessage, acks: ChannelAcks
+    ) -> None:
         self._broker = broker
         self._job = job
         self._message = message
+        self._acks = acks
+        acks.delivered(self._tag)
         self._properties = message.header.properties
         self._settled = False
         self._copied = False
@@ -649,14 +654,16 @@ class AmqpDelivery:
         """Settle: the update's effect is durable (committed, or known duplicate)."""
         self._check_unsettled()
         with _backend_errors(f"ack {self.message_id}: it will be redelivered"):
-            await self._message.channel.basic_ack(self._tag)
+            await self._acks.ack(self._tag)
         self._settled = True
 
     async def requeue(self) -> None:
         """Settle: give the message back to the queue for a later delivery."""
         self._check_unsettled()
         with _backend_errors(f"requeue {self.message_id}: it will be redelivered"):
-            await self._message.channel.basic_nack(self._tag, requeue=True)
+            await self._acks.settle_alone(
+                self._tag, lambda: self._message.channel.basic_nack(self._tag, requeue=True)
+            )
         self._settled = True
 
     async def dead_letter(self, reason: str, detail: str) -> None:
@@ -708,8 +715,9 @@ class AmqpConsumer:
         self._idle_timeout = idle_timeout
         self._buffer: asyncio.Queue[DeliveredMessage | _End] = asyncio.Queue()
         self._channel: AbstractRobustChannel | None = None
-        # The aiormq channel under the robust one, replaced on every reconnect.
+        # The aiormq channel under the robust one, replaced on every reconnect, and its acks.
         self._underlay: aiormq.abc.AbstractChannel | None = None
+        self._acks: ChannelAcks | None = None
         self._tag: ConsumerTag | None = None
         self._closing: asyncio.Future[None] | None = None
 
@@ -748,6 +756,8 @@ class AmqpConsumer:
         # On the aiormq channel itself, to skip aio-pika's per-delivery message and task.
         underlay = await channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
+        # Before consuming: a delivery may come before basic_consume returns.
+        self._acks = ChannelAcks(underlay)
         consuming = await underlay.basic_consume(name, self._on_message, no_ack=False)
         self._underlay, self._tag = underlay, consuming.consumer_tag
 
@@ -787,10 +797,11 @@ class AmqpConsumer:
                 if item.error is not None:
                     raise item.error
                 raise StopAsyncIteration
-            if item.channel.is_closed:
+            acks = self._acks
+            if item.channel.is_closed or acks is None or item.channel is not acks.channel:
                 # Received before a reconnect: the broker has already requeued it.
                 continue
-            return AmqpDelivery(self._broker, self._job, item)
+            return AmqpDelivery(self._broker, self._job, item, acks)
 
     async def aclose(self) -> None:
         """Cancel the consumer and close its channel (idempotent)."""
