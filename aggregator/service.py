@@ -307,7 +307,8 @@ class Aggregator:
         self.stats.received += 1
         self.metrics.received.inc()
         self.metrics.received_bytes.inc(len(delivery.body))
-        # Until the header is validated, the raw message id and device id are all there is.
+        # Until the header is validated, the raw message id (and the device id, in the
+        # per-field form) is all there is: the `fedq-update` document is parsed only once.
         device = delivery.headers.get("device_id")
         with log_context(
             job=self.job,
@@ -639,11 +640,11 @@ async def _read_into(deliveries: DeliveryStream, inbox: asyncio.Queue[Delivery |
 
 
 def _raw_update_id(delivery: Delivery) -> str | None:
-    """Return the update id the headers claim (validated later), if it is a string."""
-    update_id = delivery.headers.get("update_id")
-    if isinstance(update_id, bytes):
-        update_id = update_id.decode("utf-8", "replace")
-    return update_id if isinstance(update_id, str) and len(update_id) <= 64 else None
+    """Return the update id the message claims (validated later), if it is a string: its
+    AMQP message id, which the wire contract makes the update id. A message whose header
+    says otherwise only misses the batch's hint and is looked up alone."""
+    update_id = delivery.message_id
+    return update_id if update_id is not None and len(update_id) <= 64 else None
 
 
 async def _settle(settling: Awaitable[None]) -> None:

@@ -15,6 +15,7 @@ from schemas import JobConfig, Rejection, RejectReason, UpdateHeader
 from schemas.codec import sha256_hex
 from schemas.safetensors_format import ByteBuffer
 from schemas.signing import verify
+from schemas.wire import UPDATE_HEADER
 
 # Headers added by the broker (x-delivery-count on quorum queues, x-death) or by our own
 # dead-lettering are transport metadata, not part of the update header.
@@ -23,17 +24,41 @@ _MAX_HEADERS = 64
 
 
 def parse_header(raw: Mapping[str, Any], job: str) -> UpdateHeader:
-    """Validate raw AMQP headers as an UpdateHeader addressed to `job`."""
+    """Validate raw AMQP headers as an UpdateHeader addressed to `job`: one `fedq-update`
+    JSON document, or a header per field as recordings and older agents carry it."""
     fields = {k: v for k, v in raw.items() if not k.startswith(_TRANSPORT_PREFIX)}
-    if len(fields) > _MAX_HEADERS:
-        raise Rejection(RejectReason.MALFORMED_HEADER, f"{len(fields)} headers is too many")
-    try:
-        header = UpdateHeader.model_validate({k: _text(v) for k, v in fields.items()})
-    except (ValidationError, UnicodeDecodeError) as exc:
-        raise Rejection(RejectReason.MALFORMED_HEADER, _short(exc)) from None
+    document = fields.pop(UPDATE_HEADER, None)
+    if document is not None:
+        header = _from_document(document, others=sorted(fields))
+    else:
+        header = _from_fields(fields)
     if header.job != job:
         raise Rejection(RejectReason.UNKNOWN_JOB, f"header job {header.job!r} on queue of {job!r}")
     return header
+
+
+def _from_document(document: Any, others: list[str]) -> UpdateHeader:
+    if others:
+        # Two sources for one field would let a tool show one value and the aggregator use
+        # another: a message carries one form or the other.
+        raise Rejection(
+            RejectReason.MALFORMED_HEADER, f"headers {others[:5]} beside {UPDATE_HEADER}"
+        )
+    if not isinstance(document, str | bytes):
+        raise Rejection(RejectReason.MALFORMED_HEADER, f"{UPDATE_HEADER} is not a string")
+    try:
+        return UpdateHeader.model_validate_json(document)
+    except ValidationError as exc:
+        raise Rejection(RejectReason.MALFORMED_HEADER, _short(exc)) from None
+
+
+def _from_fields(fields: Mapping[str, Any]) -> UpdateHeader:
+    if len(fields) > _MAX_HEADERS:
+        raise Rejection(RejectReason.MALFORMED_HEADER, f"{len(fields)} headers is too many")
+    try:
+        return UpdateHeader.model_validate({k: _text(v) for k, v in fields.items()})
+    except (ValidationError, UnicodeDecodeError) as exc:
+        raise Rejection(RejectReason.MALFORMED_HEADER, _short(exc)) from None
 
 
 def check_sizes(header: UpdateHeader, body: bytes, config: JobConfig) -> None:

@@ -60,6 +60,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100000,1000000,10000000")
     parser.add_argument("--quick", action="store_true", help="fewer updates per size")
+    parser.add_argument(
+        "--updates", type=int, default=None, help="updates per size (default: by size)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4, help="publishers at once")
     parser.add_argument(
@@ -71,10 +74,10 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def update_count(size: int, quick: bool) -> int:
-    """Return how many updates to send at `size`: a multiple of K."""
+def update_count(size: int, quick: bool, asked: int | None = None) -> int:
+    """Return how many updates to send at `size` (`asked`, if given): a multiple of K."""
     table = QUICK_COUNTS if quick else COUNTS
-    count = table.get(size, 20 if quick else 40)
+    count = asked or table.get(size, 20 if quick else 40)
     return max(BUFFER_SIZE, count - count % BUFFER_SIZE)
 
 
@@ -176,7 +179,7 @@ async def publish_raw(
 
 def measure(size: int, args: argparse.Namespace, *, drain: bool) -> Summary:
     """Run fedq and the baseline `repeats` times each, interleaved; summarize the medians."""
-    count = update_count(size, args.quick)
+    count = update_count(size, args.quick, args.updates)
     ours: list[float] = []
     raws: list[float] = []
     mode = "drain" if drain else "ingest"

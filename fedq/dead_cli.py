@@ -16,6 +16,7 @@ from infra.dead_letters import Action, Decide, keep_all, matching, rework_dead_l
 from infra.errors import BackendUnavailable, JobNotFound, PublishError
 from infra.protocols import DeadLetter
 from infra.settings import DEFAULT_AMQP_URL
+from schemas.wire import update_fields
 
 T = TypeVar("T")
 
@@ -82,8 +83,9 @@ def _as_json(letter: DeadLetter) -> dict[str, Any]:
 
 
 def _line(letter: DeadLetter) -> str:
-    device = _jsonable(letter.headers.get("device_id", "?"))
-    base = _jsonable(letter.headers.get("base_version", "?"))
+    fields = update_fields(letter.headers)
+    device = _jsonable(fields.get("device_id", "?"))
+    base = _jsonable(fields.get("base_version", "?"))
     return (
         f"{letter.message_id}  {letter.reason}  device {device}  base v{base}  "
         f"{len(letter.body)} bytes  {letter.detail}"

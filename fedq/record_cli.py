@@ -30,6 +30,7 @@ from infra.errors import BackendUnavailable, JobExists, JobNotFound, PublishErro
 from infra.redis_store import RedisModelStore
 from infra.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
 from schemas import StrategyConfig
+from schemas.wire import update_fields
 
 T = TypeVar("T")
 
@@ -201,7 +202,7 @@ def _when(stamp: float | None) -> str:
 def _summary(recording: Recording) -> list[str]:
     updates = recording.updates
     config = recording.config
-    devices = Counter(str(u.headers.get("device_id", "?")) for u in updates)
+    devices = Counter(str(update_fields(u.headers).get("device_id", "?")) for u in updates)
     sizes = [len(u.body) for u in updates]
     stamps = [u.timestamp for u in updates if u.timestamp is not None]
     staleness = [tau for meta in recording.versions for tau in meta.staleness]
@@ -227,7 +228,7 @@ def _summary(recording: Recording) -> list[str]:
         histogram = ", ".join(f"{tau}: {n}" for tau, n in sorted(Counter(staleness).items()))
         lines.append(f"staleness of applied updates (tau: count): {histogram}")
     else:
-        bases = Counter(u.headers.get("base_version") for u in updates)
+        bases = Counter(update_fields(u.headers).get("base_version") for u in updates)
         lines.append(f"base versions (no versions recorded): {dict(sorted(bases.items()))}")
     lines.append(f"versions recorded: {len(recording.versions)}")
     return lines
@@ -238,7 +239,7 @@ def _record_line(recording: Recording, index: int) -> str:
     if record.kind != "update":
         return f"{index:5d} {record.kind:13s} {len(record.body):8d} bytes"
     header = record.header
-    headers = header.get("headers") or {}
+    headers = update_fields(header.get("headers") or {})
     return (
         f"{index:5d} update {len(record.body):15d} bytes  offset {header.get('stream_offset')}"
         f"  {header.get('message_id')}  device {headers.get('device_id')}"

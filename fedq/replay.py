@@ -29,6 +29,7 @@ from infra.memory_store import MemoryModelStore, MemoryStoreHub
 from infra.protocols import Broker, ModelStore
 from schemas import JobConfig, StrategyConfig, VersionMeta
 from schemas.codec import sha256_hex
+from schemas.wire import update_fields, with_fields
 
 log = logging.getLogger(__name__)
 # How often replay checks whether the aggregator has received everything published.
@@ -171,7 +172,7 @@ async def _copy_stream(
     async for message in broker.read_log(store.job, start=start, idle_timeout=idle_timeout):
         if stop.passed(message):
             break
-        if message.headers.get("payload") == "blob":
+        if update_fields(message.headers).get("payload") == "blob":
             # The claim-check bytes live in Redis only until their version commits.
             summary.blob_updates += 1
         writer.add_update(
@@ -192,7 +193,7 @@ async def _copy_stream(
 
 def _sent_at(message: LoggedMessage) -> float | None:
     """When the device sent the update: its `sent_at` header, finer than AMQP's seconds."""
-    sent_at = message.headers.get("sent_at")
+    sent_at = update_fields(message.headers).get("sent_at")
     return float(sent_at) if isinstance(sent_at, int | float) else message.timestamp
 
 
@@ -248,7 +249,7 @@ async def _publish_all(
             delay = (update.timestamp - first) / speed - (loop.time() - began)
             if delay > 0:
                 await asyncio.sleep(delay)
-        headers = {**update.headers, "job": job}
+        headers = with_fields(update.headers, job=job)
         await broker.publish_raw(job, update.body, headers=headers, message_id=update.message_id)
     return len(updates)
 

@@ -40,6 +40,7 @@ from infra.errors import (
 )
 from infra.protocols import DETAIL_HEADER, REASON_HEADER, DeadLetter, Delivery
 from schemas import UpdateHeader
+from schemas.wire import update_headers
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +172,6 @@ class LoggedMessage:
     body: bytes = b""
     # The AMQP timestamp property in seconds since the epoch, if the publisher set one.
     timestamp: float | None = None
-
-
-def header_dict(header: UpdateHeader) -> dict[str, Any]:
-    """Return an UpdateHeader as AMQP headers: its JSON form, without None values."""
-    return {k: v for k, v in header.model_dump(mode="json").items() if v is not None}
 
 
 def broker_dead_letter_reason(headers: Mapping[str, Any]) -> str:
@@ -316,7 +312,7 @@ class AmqpBroker:
         """Publish an update persistently and wait for the broker's confirm."""
         message = _Message(
             body,
-            headers=header_dict(header),
+            headers=update_headers(header),
             message_id=header.update_id,
             content_type=keys.UPDATE_CONTENT_TYPE,
             type="update",

@@ -15,12 +15,12 @@ from infra.amqp_broker import (
     DETAIL_LIMIT,
     LoggedMessage,
     StreamStart,
-    header_dict,
     roundtrip_headers,
 )
 from infra.errors import BackendUnavailable, JobNotFound, PublishError
 from infra.protocols import DeadLetter, Delivery
 from schemas import UpdateHeader
+from schemas.wire import update_headers
 
 
 @dataclass
@@ -104,7 +104,7 @@ class MemoryBroker:
     async def publish(self, header: UpdateHeader, body: bytes, *, timeout: float = 30.0) -> None:
         """Publish an update and return once it is queued."""
         await self.publish_raw(
-            header.job, body, headers=header_dict(header), message_id=header.update_id
+            header.job, body, headers=update_headers(header), message_id=header.update_id
         )
 
     async def publish_raw(

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from infra.protocols import Broker, ModelStore
 from infra.redis_store import RedisModelStore
 from schemas import JobConfig, StrategyConfig, UpdateHeader, VersionMeta
 from schemas.codec import encode, schema_of, sha256_hex
+from schemas.wire import UPDATE_HEADER
 from tests.conftest import AMQP_URL, REDIS_URL
 
 INITIAL = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([0.5])}
@@ -114,9 +116,14 @@ def update(
     base_version: int = 0,
     num_samples: int = 10,
     device_id: str = "dev-0",
+    as_fields: bool = False,
     **overrides: Any,
 ) -> tuple[dict[str, Any], bytes, str]:
-    """Return (headers, body, update_id) of a well-formed inline update; overrides win."""
+    """Return (headers, body, update_id) of a well-formed inline update; overrides win.
+
+    The headers are what agents send, one `fedq-update` document; with `as_fields`, a header
+    per field, the form recordings and older agents carry (and the one to put junk in).
+    """
     body = encode(tensors)
     header = UpdateHeader(
         job=job,
@@ -128,9 +135,20 @@ def update(
         payload_bytes=len(body),
         sent_at=time.time(),
     )
-    headers = header.model_dump(mode="json", exclude_none=True)
-    headers.update(overrides)
+    fields = header.model_dump(mode="json", exclude_none=True)
+    fields.update(overrides)
+    headers = fields if as_fields else {UPDATE_HEADER: json.dumps(fields)}
     return headers, body, header.update_id
+
+
+def edit_fields(
+    headers: Mapping[str, Any], *, drop: tuple[str, ...] = (), **changes: Any
+) -> dict[str, Any]:
+    """Change (or `drop`) update fields in headers of either form, keeping the form."""
+    document = headers.get(UPDATE_HEADER)
+    fields = dict(headers) if document is None else json.loads(document)
+    fields = {k: v for k, v in {**fields, **changes}.items() if k not in drop}
+    return fields if document is None else {**headers, UPDATE_HEADER: json.dumps(fields)}
 
 
 def delta(w: float, b: float = 0.0) -> dict[str, torch.Tensor]:

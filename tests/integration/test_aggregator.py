@@ -14,7 +14,15 @@ from aggregator.service import Aggregator, Fenced
 from infra.protocols import ModelStore
 from schemas import StalenessConfig, StrategyConfig, VersionMeta
 from schemas.codec import decode, encode, sha256_hex
-from tests.integration.helpers import INITIAL, Backends, delta, drain, job_backends, update
+from tests.integration.helpers import (
+    INITIAL,
+    Backends,
+    delta,
+    drain,
+    edit_fields,
+    job_backends,
+    update,
+)
 from tests.integration.helpers import update as _update
 
 pytestmark = pytest.mark.integration
@@ -149,7 +157,7 @@ def _bad_inputs(job: str) -> dict[str, tuple[tuple[dict, bytes, str], str]]:
 def _with_body(built: tuple[dict, bytes, str], body: bytes) -> tuple[dict, bytes, str]:
     headers, _, update_id = built
     return (
-        {**headers, "payload_bytes": len(body), "payload_sha256": sha256_hex(body)},
+        edit_fields(headers, payload_bytes=len(body), payload_sha256=sha256_hex(body)),
         body,
         update_id,
     )
@@ -157,12 +165,12 @@ def _with_body(built: tuple[dict, bytes, str], body: bytes) -> tuple[dict, bytes
 
 def _without(built: tuple[dict, bytes, str], field: str) -> tuple[dict, bytes, str]:
     headers, body, update_id = built
-    return {k: v for k, v in headers.items() if k != field}, body, update_id
+    return edit_fields(headers, drop=(field,)), body, update_id
 
 
 def _as_blob(built: tuple[dict, bytes, str]) -> tuple[dict, bytes, str]:
     headers, body, update_id = built
-    return {**headers, "payload": "blob"}, body, update_id
+    return edit_fields(headers, payload="blob"), body, update_id
 
 
 @pytest.mark.parametrize("kind", BACKENDS)

@@ -87,7 +87,7 @@ async def test_forced_connection_loss_loses_and_doubles_nothing(
 
     async def publish_all() -> None:
         for _ in range(UPDATES):
-            headers, body, _ = update(job_id, delta(STEP, STEP))
+            headers, body, _ = update(job_id, delta(STEP, STEP), as_fields=True)
             header = UpdateHeader.model_validate(headers)
             await publisher.publish(header, body)  # republishes the same id after a loss
             published.append(header.update_id)

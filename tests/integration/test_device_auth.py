@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -15,7 +16,16 @@ from infra.memory_store import MemoryModelStore, MemoryStoreHub
 from schemas import StalenessConfig, StrategyConfig, TrainingConfig, UpdateHeader
 from schemas.codec import decode, encode, sha256_hex
 from schemas.signing import generate_key_pair, sign
-from tests.integration.helpers import INITIAL, Backends, delta, drain, job_backends, update
+from schemas.wire import UPDATE_HEADER, update_fields
+from tests.integration.helpers import (
+    INITIAL,
+    Backends,
+    delta,
+    drain,
+    edit_fields,
+    job_backends,
+    update,
+)
 
 pytestmark = pytest.mark.integration
 BACKENDS = ["real", "memory"]
@@ -30,11 +40,12 @@ Built = tuple[dict[str, Any], bytes, str]
 
 
 def signed(built: Built, private_key: str, **after_signing: Any) -> Built:
-    """Sign a built update's header; `after_signing` fields are changed afterwards (tampering)."""
+    """Sign a built update's header, as an agent sends it; `after_signing` fields are changed
+    afterwards (tampering)."""
     headers, body, update_id = built
-    header = sign(UpdateHeader.model_validate(headers), private_key)
+    header = sign(UpdateHeader.model_validate(update_fields(headers)), private_key)
     wire = header.model_dump(mode="json", exclude_none=True)
-    return {**wire, **after_signing}, body, update_id
+    return {UPDATE_HEADER: json.dumps({**wire, **after_signing})}, body, update_id
 
 
 async def _registered(backends: Backends) -> None:
@@ -111,7 +122,7 @@ def _refused(job: str) -> dict[str, tuple[Built, str]]:
 
 def _with_body(built: Built, body: bytes, **headers: Any) -> Built:
     old_headers, _, update_id = built
-    return {**old_headers, **headers}, body, update_id
+    return edit_fields(old_headers, **headers), body, update_id
 
 
 @pytest.mark.parametrize("kind", BACKENDS)

@@ -7,6 +7,7 @@ is queued), the model must stay at version 0, and the aggregator must keep consu
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 import uuid
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from infra.errors import PublishError
 from schemas import StalenessConfig, StrategyConfig
 from schemas.codec import encode, sha256_hex
+from schemas.wire import UPDATE_HEADER
 from tests.integration.helpers import delta, drain, job_backends, update
 
 pytestmark = pytest.mark.integration
@@ -29,8 +31,14 @@ GOOD = encode(delta(1.0))
 
 
 def _headers(**changes: Any) -> dict[str, Any]:
-    headers, _, _ = update("placeholder", delta(1.0))
+    """An update's headers in the per-field form, with `changes`."""
+    headers, _, _ = update("placeholder", delta(1.0), as_fields=True)
     return {**headers, **changes}
+
+
+def _document(**changes: Any) -> dict[str, Any]:
+    """An update's `fedq-update` document, with `changes` made inside it."""
+    return {UPDATE_HEADER: json.dumps(_headers(**changes))}
 
 
 def _corpus(job: str) -> dict[str, tuple[dict[str, Any], bytes, str]]:
@@ -64,6 +72,17 @@ def _corpus(job: str) -> dict[str, tuple[dict[str, Any], bytes, str]]:
         "bool_as_version": (_headers(**base, base_version=True), GOOD, "malformed_header"),
         "metrics_not_a_table": (_headers(**base, train_metrics="loss=1"), GOOD, "malformed_header"),
         "empty_headers": ({}, GOOD, "malformed_header"),
+        "document_not_json": ({UPDATE_HEADER: "{not json"}, GOOD, "malformed_header"),
+        "document_not_an_object": ({UPDATE_HEADER: "[1, 2]"}, GOOD, "malformed_header"),
+        "document_not_a_string": ({UPDATE_HEADER: 7}, GOOD, "malformed_header"),
+        "document_and_fields": (
+            {**_headers(**base), **_document(**base)},
+            GOOD,
+            "malformed_header",
+        ),
+        "document_bad_field": (_document(**base, num_samples=0), GOOD, "malformed_header"),
+        "document_lies_about_size": (_document(**base, payload_bytes=5), GOOD, "size_mismatch"),
+        "document_of_another_job": (_document(job="another-job"), GOOD, "unknown_job"),
     }
 
 

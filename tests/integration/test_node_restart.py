@@ -102,7 +102,7 @@ async def test_node_restart_loses_and_doubles_nothing(
     restarted = asyncio.Event()
 
     async def publish_one(broker: AmqpBroker, device: str) -> None:
-        headers, body, _ = update(job_id, delta(STEP, STEP), device_id=device)
+        headers, body, _ = update(job_id, delta(STEP, STEP), device_id=device, as_fields=True)
         header = UpdateHeader.model_validate(headers)
         await broker.publish(header, body)  # returns once confirmed, across a restart
         published.append(header.update_id)

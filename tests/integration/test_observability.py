@@ -28,7 +28,7 @@ from infra.memory_store import MemoryModelStore, MemoryStoreHub
 from infra.settings import AggregatorSettings
 from schemas import StalenessConfig, StrategyConfig, TrainingConfig
 from tests.conftest import AMQP_URL, REDIS_URL
-from tests.integration.helpers import Backends, delta, job_backends, update
+from tests.integration.helpers import Backends, delta, edit_fields, job_backends, update
 
 pytestmark = pytest.mark.integration
 FEDBUFF_2 = StrategyConfig(
@@ -100,7 +100,7 @@ async def test_aggregator_metrics_count_what_was_published(job_id: str) -> None:
         bad = [
             update(job_id, delta(1.0), base_version=2, payload_sha256="0" * 64),
             update(job_id, delta(1.0), base_version=2, payload_sha256="1" * 64),
-            ({k: v for k, v in headers.items() if k != "device_id"}, body, update_id),
+            (edit_fields(headers, drop=("device_id",)), body, update_id),
             update(job_id, delta(1.0), base_version=0),
         ]
         for built in good + bad:

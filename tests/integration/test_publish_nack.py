@@ -47,7 +47,7 @@ async def full_queue(job_id: str) -> AsyncIterator[AbstractQueue]:
 
 def header_of(job: str) -> tuple[UpdateHeader, bytes]:
     """Return the header and body of a well-formed inline update."""
-    headers, body, _ = update(job, delta(0.1))
+    headers, body, _ = update(job, delta(0.1), as_fields=True)
     return UpdateHeader.model_validate(headers), body
 
 

@@ -7,6 +7,7 @@ did, before republishing; a forged update stays out of the replay as it stayed o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from infra.redis_store import RedisModelStore
 from schemas import JobConfig, StalenessConfig, StrategyConfig, UpdateHeader
 from schemas.codec import encode, schema_of
 from schemas.signing import generate_key_pair, sign
+from schemas.wire import UPDATE_HEADER, update_fields
 from tests.conftest import AMQP_URL, REDIS_URL
 from tests.integration.helpers import INITIAL, delta, job_backends, update
 
@@ -38,10 +40,10 @@ KEY_R, PUBLIC_R = generate_key_pair()
 
 def _signed(job: str, device: str, key: str, value: float, **after: Any) -> Built:
     headers, body, update_id = update(job, delta(value, -value), device_id=device)
-    wire = sign(UpdateHeader.model_validate(headers), key).model_dump(
+    wire = sign(UpdateHeader.model_validate(update_fields(headers)), key).model_dump(
         mode="json", exclude_none=True
     )
-    return {**wire, **after}, body, update_id
+    return {UPDATE_HEADER: json.dumps({**wire, **after})}, body, update_id
 
 
 async def test_a_signed_run_replays_with_its_device_registry(job_id: str, tmp_path: Path) -> None:

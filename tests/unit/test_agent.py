@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 
+from aggregator.validation import parse_header
 from device_agent.agent import DeviceAgent
 from fedq.jobs import create_job, initial_job
 from infra.memory_broker import MemoryBroker
@@ -29,7 +30,7 @@ async def _published(agent: DeviceAgent) -> list[tuple[UpdateHeader, bytes]]:
     messages = []
     deliveries = agent.broker.consume(JOB, prefetch=10, idle_timeout=0.2)
     async for delivery in deliveries:
-        messages.append((UpdateHeader.model_validate(dict(delivery.headers)), delivery.body))
+        messages.append((parse_header(delivery.headers, JOB), delivery.body))
         await delivery.ack()
     await deliveries.aclose()
     return messages

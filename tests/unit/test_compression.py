@@ -22,7 +22,7 @@ from schemas.compression import (
     round_trip,
     topk_count,
 )
-from tests.integration.helpers import INITIAL, job_backends, update
+from tests.integration.helpers import INITIAL, edit_fields, job_backends, update
 
 pytestmark = pytest.mark.unit
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -263,7 +263,9 @@ async def test_aggregator_folds_an_int8_update(job_id: str) -> None:
     async with job_backends("memory", job_id, strategy) as backends:
         headers, _, update_id = update(job_id, delta)
         body = encode(delta, "int8")
-        headers.update(codec="int8", payload_sha256=sha256_hex(body), payload_bytes=len(body))
+        headers = edit_fields(
+            headers, codec="int8", payload_sha256=sha256_hex(body), payload_bytes=len(body)
+        )
         await backends.broker.publish_raw(job_id, body, headers=headers, message_id=update_id)
         # Act
         async with Aggregator(

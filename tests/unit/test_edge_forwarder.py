@@ -11,6 +11,7 @@ import torch
 from aggregator.edge import EdgeForwarder
 from aggregator.strategies import Contribution, Receipt
 from aggregator.strategies.hierarchical import partial_update_id
+from aggregator.validation import parse_header
 from infra.forward_ledger import MemoryForwardLedger
 from schemas import StrategyConfig, UpdateHeader
 from schemas.codec import decode
@@ -71,7 +72,7 @@ async def _upstream(root: Backends) -> list[tuple[UpdateHeader, dict[str, torch.
     """Take every partial update published to the root so far."""
     out = []
     async for delivery in root.broker.consume(root.config.job, prefetch=100, idle_timeout=0.05):
-        header = UpdateHeader.model_validate(dict(delivery.headers))
+        header = parse_header(delivery.headers, root.config.job)
         out.append((header, decode(delivery.body)))
         await delivery.ack()
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from aggregator.validation import check_payload, check_sizes, parse_header
 from schemas import JobConfig, Rejection, RejectReason, TensorSpec
 from schemas.codec import sha256_hex
+from schemas.wire import UPDATE_HEADER, update_fields, update_headers, with_fields
 
 pytestmark = pytest.mark.unit
 JOB = "job-a"
@@ -85,6 +87,65 @@ def test_bad_headers_are_rejected_with_reason(
     assert caught.value.reason == reason
 
 
+def _document(**changes: Any) -> dict[str, Any]:
+    return {UPDATE_HEADER: json.dumps(_headers(**changes))}
+
+
+def test_the_document_form_round_trips_every_field_exactly() -> None:
+    header = parse_header(_headers(signature="c2ln", sent_at=1_712_345_678.123456789), JOB)
+    # Act: send it as agents do, read it back as the aggregator does
+    received = parse_header({**update_headers(header), "x-delivery-count": 1}, JOB)
+    assert received == header
+    assert received.sent_at == 1_712_345_678.123456789
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"update_id": "not-a-uuid"}, RejectReason.MALFORMED_HEADER),
+        ({"base_version": "3"}, RejectReason.MALFORMED_HEADER),
+        ({"num_samples": 0}, RejectReason.MALFORMED_HEADER),
+        ({"codec": "zip"}, RejectReason.MALFORMED_HEADER),
+        ({"schema_version": 99}, RejectReason.MALFORMED_HEADER),
+        ({"device_id": "x" * 500}, RejectReason.MALFORMED_HEADER),
+        ({"train_metrics": {"loss": float("nan")}}, RejectReason.MALFORMED_HEADER),
+        ({"unexpected": "field"}, RejectReason.MALFORMED_HEADER),
+        ({"job": "another-job"}, RejectReason.UNKNOWN_JOB),
+    ],
+)
+def test_a_bad_document_is_rejected_for_the_same_reasons_as_bad_fields(
+    changes: dict[str, Any], reason: RejectReason
+) -> None:
+    with pytest.raises(Rejection) as caught:
+        parse_header(_document(**changes), JOB)
+    assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {UPDATE_HEADER: "{not json"},
+        {UPDATE_HEADER: "[1, 2]"},
+        {UPDATE_HEADER: 7},
+        {UPDATE_HEADER: {"job": JOB}},
+        {**_document(), "device_id": "dev-2"},
+    ],
+    ids=["not_json", "not_an_object", "a_number", "a_table", "beside_a_field"],
+)
+def test_a_document_that_is_not_one_json_object_alone_is_malformed(raw: dict[str, Any]) -> None:
+    with pytest.raises(Rejection) as caught:
+        parse_header(raw, JOB)
+    assert caught.value.reason == RejectReason.MALFORMED_HEADER
+
+
+def test_update_fields_reads_either_form_and_junk_as_nothing() -> None:
+    fields = _headers()
+    assert update_fields(fields) == fields
+    assert update_fields({UPDATE_HEADER: json.dumps(fields)}) == fields
+    assert update_fields({UPDATE_HEADER: "{not json"}) == {}
+    assert update_fields({UPDATE_HEADER: "[1]"}) == {}
+
+
 def test_missing_field_is_malformed() -> None:
     raw = _headers()
     del raw["payload_sha256"]
@@ -126,3 +187,13 @@ def test_good_payload_passes_every_check() -> None:
     header = parse_header(_headers(), JOB)
     check_sizes(header, BODY, _config())
     check_payload(header, BODY)
+
+
+def test_with_fields_changes_either_form_in_place_and_leaves_junk_alone() -> None:
+    fields = _headers()
+    assert with_fields(fields, job="job-b") == {**fields, "job": "job-b"}
+    moved = with_fields({UPDATE_HEADER: json.dumps(fields), "x-death": []}, job="job-b")
+    assert parse_header(moved, "job-b") == parse_header({**fields, "job": "job-b"}, "job-b")
+    assert moved["x-death"] == []
+    junk = {UPDATE_HEADER: "{not json"}
+    assert with_fields(junk, job="job-b") == junk
