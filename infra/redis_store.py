@@ -46,6 +46,8 @@ _R = TypeVar("_R")
 STREAM_MAXLEN = 10_000
 # A crashed committer's temporary model key disappears by itself after this long.
 TEMP_MODEL_TTL_SECONDS = 3600
+# Models up to this size are written by the commit script itself (`commit`).
+INLINE_MODEL_BYTES = 1 * 2**20
 # Reads of (version, model) that may each lose a race with pruning before one succeeds.
 LATEST_ATTEMPTS = 20
 # The longest single XREAD BLOCK when the client has no socket timeout to stay under.
@@ -93,7 +95,7 @@ return 1
 # KEYS: version, temporary model, model:{v+1}, applied, meta:{v+1}, versions stream,
 #       device tallies, [model:{v+1-versions_kept}]
 # ARGV: expected, new version, meta json, sha256, created_at, token, stream maxlen,
-#       contributor ids...
+#       the model's bytes ('' when they wait at the temporary key), contributor ids...
 # Returns 1 committed, 2 already committed by this same call (a client retry), 0 conflict,
 # -1 no such job, -2 the temporary model expired before the script ran.
 _COMMIT_LUA = (
@@ -109,12 +111,16 @@ if current ~= ARGV[1] then
   redis.call('DEL', KEYS[2])
   return 0
 end
-if redis.call('EXISTS', KEYS[2]) == 0 then return -2 end
-redis.call('RENAME', KEYS[2], KEYS[3])
-redis.call('PERSIST', KEYS[3])
+if ARGV[8] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[8])
+else
+  if redis.call('EXISTS', KEYS[2]) == 0 then return -2 end
+  redis.call('RENAME', KEYS[2], KEYS[3])
+  redis.call('PERSIST', KEYS[3])
+end
 redis.call('SET', KEYS[1], ARGV[2])
 -- unpack() is bounded by the Lua C stack, so add contributors in chunks.
-for i = 8, #ARGV, 1000 do
+for i = 9, #ARGV, 1000 do
   redis.call('SADD', KEYS[4], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
 redis.call('SET', KEYS[5], ARGV[3])
@@ -343,8 +349,9 @@ class RedisModelStore:
     async def commit(self, expected_version: int, model: ByteBuffer, meta: VersionMeta) -> None:
         """Atomically move the job from `expected_version` to `meta.version` (= expected + 1).
 
-        The bytes go to a unique temporary key first and are renamed into place by the same
-        script that checks the version, so a loser never overwrites the winner's model.
+        The script that checks the version also puts the bytes in place: a small model as
+        one of its arguments, a bigger one from a unique temporary key written first and
+        renamed; either way a loser never overwrites the winner's model.
         The script is idempotent per call: a client retry after a lost reply is recognised
         by its token in the versions stream instead of being reported as a conflict.
         """
@@ -357,7 +364,12 @@ class RedisModelStore:
         keys = self._keys
         token = uuid.uuid4().hex
         temp = f"{keys.model(new_version)}:tmp:{token}"
-        await self._values.write(temp, model, ex=TEMP_MODEL_TTL_SECONDS)
+        # A small model rides in the script's own call: one round trip, not two (redis-py
+        # spends about 200 us of CPU on each). A big one would hold Redis for the whole
+        # call, so it goes first to the temporary key, chunked if need be.
+        inline = len(model) <= min(INLINE_MODEL_BYTES, self._values.chunk_bytes)
+        if not inline:
+            await self._values.write(temp, model, ex=TEMP_MODEL_TTL_SECONDS)
         script_keys = [
             keys.version,
             temp,
@@ -380,6 +392,7 @@ class RedisModelStore:
                 repr(meta.created_at),
                 token,
                 STREAM_MAXLEN,
+                model if inline else b"",
                 *meta.contributors,
             ],
         )

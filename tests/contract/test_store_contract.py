@@ -21,7 +21,7 @@ from infra.errors import (
 from infra.keys import JobKeys
 from infra.memory_store import MemoryModelStore, MemoryStoreHub
 from infra.protocols import DeviceRecord, ModelStore
-from infra.redis_store import RedisModelStore
+from infra.redis_store import INLINE_MODEL_BYTES, RedisModelStore
 from schemas import JobConfig, StrategyConfig, VersionMeta
 from schemas.codec import encode, schema_of, sha256_hex
 from tests.conftest import REDIS_URL
@@ -46,9 +46,9 @@ def make_config(job: str, *, keep_versions: int = 4, max_staleness: int = 2) -> 
     )
 
 
-def make_model(value: float) -> bytes:
-    """Encode a 2x2 model filled with `value`, so every version's bytes differ."""
-    return encode({"w": torch.full((2, 2), value)})
+def make_model(value: float, elements: int = 4) -> bytes:
+    """Encode a model filled with `value` (2x2 unless told), so every version's bytes differ."""
+    return encode({"w": torch.full((2, 2) if elements == 4 else (elements,), value)})
 
 
 def make_meta(version: int, model: bytes, contributors: int = 0) -> VersionMeta:
@@ -232,11 +232,15 @@ async def test_commit_rejects_meta_of_the_wrong_version(store: ModelStore) -> No
     assert await store.current_version() == 0
 
 
-async def test_losing_commit_changes_nothing(new_store: StoreFactory, backend: str) -> None:
+# Small models go in the commit script's own call, big ones by a temporary key first.
+@pytest.mark.parametrize("elements", [4, INLINE_MODEL_BYTES // 4 + 1], ids=["small", "big"])
+async def test_losing_commit_changes_nothing(
+    new_store: StoreFactory, backend: str, elements: int
+) -> None:
     # arrange: two aggregators both start from version 0
     winner, loser = new_store(), new_store()
     await create(winner)
-    winner_model, loser_model = make_model(1.0), make_model(-1.0)
+    winner_model, loser_model = make_model(1.0, elements), make_model(-1.0, elements)
     winner_meta = make_meta(1, winner_model, contributors=2)
     loser_meta = make_meta(1, loser_model, contributors=2)
     # act
