@@ -270,9 +270,12 @@ class Aggregator:
         while batch and not self._stopping.is_set():
             ids = [_raw_update_id(delivery) for delivery in batch]
             known = [i for i in ids if i is not None]
+            # The version before the read, not after: a commit that lands while the read is
+            # on its way (on another connection, before or after it) must make it stale.
+            read_at = self.version
             flags = await self._retry(functools.partial(self.store.applied, known))
             self._applied_hint = dict(zip(known, flags, strict=True))
-            self._hint_version = self.version
+            self._hint_version = read_at
             # A commit makes the flags stale: read them again for the rest of the batch.
             while batch and self.version == self._hint_version and not self._stopping.is_set():
                 await self._handle(batch.pop(0))

@@ -95,3 +95,53 @@ async def test_redeliveries_during_and_after_a_commit_are_applied_once(
         assert store.applied_calls == 2
         assert await backends.broker.queue_depth(job_id) == (0, 0)
         assert await backends.broker.drain_dead_letters(job_id) == []
+
+
+class CommitDuringRead(CountingStore):
+    """The second `applied` read sees the store before a commit, and answers after the
+    aggregator has taken that commit as durable (two connections, either order)."""
+
+    aggregator: Aggregator | None = None
+
+    async def applied(self, update_ids: Sequence[str]) -> list[bool]:
+        """Read the flags; on the second call, let the held commit land before answering."""
+        flags = await super().applied(update_ids)
+        if self.applied_calls == 2:
+            self.gate.set()
+            async with asyncio.timeout(5):
+                while self.aggregator is None or self.aggregator.version < 1:
+                    await asyncio.sleep(0.01)
+        return flags
+
+
+@pytest.mark.parametrize("kind", ["real", "memory"])
+async def test_a_flag_read_that_a_commit_overtakes_is_not_trusted(kind: str, job_id: str) -> None:
+    async with job_backends(kind, job_id, FEDBUFF_2) as backends:
+        # Arrange: A and B make version 1; A again, in the next batch, whose flag read starts
+        # before version 1 lands and answers after; then C
+        first = update(job_id, delta(1.0))
+        for built in (first, update(job_id, delta(3.0)), first, update(job_id, delta(5.0))):
+            await _publish(backends, built)
+        store = CommitDuringRead(backends.store)
+        stream = backends.broker.consume(job_id, prefetch=10)
+        try:
+            deliveries: list[Delivery] = [await anext(stream) for _ in range(4)]
+            async with Aggregator(
+                job=job_id,
+                broker=backends.broker,
+                store=cast(ModelStore, store),
+                retry_seconds=0.1,
+            ) as aggregator:
+                store.aggregator = aggregator
+                # Act
+                await aggregator.handle_batch(deliveries[:2])
+                await aggregator.handle_batch(deliveries[2:3])
+                await aggregator.handle_batch(deliveries[3:])
+                await aggregator.settle_commit()
+        finally:
+            await stream.aclose()
+        # Assert: the second A is a duplicate, so C waits alone for a second update (before,
+        # the stale "not applied" was trusted: A was folded again, and made version 2 with C)
+        assert aggregator.stats.duplicates == 1
+        assert await backends.store.current_version() == 1
+        assert await backends.store.applied_count() == 2
