@@ -107,10 +107,11 @@ class CommitDuringRead(CountingStore):
         """Read the flags; on the second call, let the held commit land before answering."""
         flags = await super().applied(update_ids)
         if self.applied_calls == 2:
+            assert self.aggregator is not None
             self.gate.set()
             async with asyncio.timeout(5):
-                while self.aggregator is None or self.aggregator.version < 1:
-                    await asyncio.sleep(0.01)
+                await self.aggregator.settle_commit()
+            assert self.aggregator.version == 1
         return flags
 
 
