@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ import aiormq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.drain_ab import local_broker_cpu
 from bench.harness import AMQP_URL, bench_job_id
 from bench.measure import median
 from infra.amqp_acks import ChannelAcks
@@ -129,30 +129,13 @@ async def with_batched_acks(queue: str, count: int) -> float:
     return await with_aiormq(queue, count, batched=True)
 
 
-def broker_cpu() -> Callable[[], float] | None:
-    """Return a reader of the local RabbitMQ's CPU seconds, or None if it is not local."""
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "beam.smp":
-                return functools.partial(_cpu_seconds, entry / "stat")
-        except OSError:
-            continue
-    return None
-
-
-def _cpu_seconds(stat: Path) -> float:
-    """User plus system CPU seconds of a process, from its /proc stat line."""
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def run_once(
     consume: Callable[[str, int], Awaitable[float]], count: int, size: int
 ) -> tuple[float, float | None]:
     """Fill a fresh queue, consume it with `consume`, delete it; return CPU us per message
     of this process and of the broker (None if it is not on this machine)."""
     queue = f"{bench_job_id('consume-cost')}.raw"
-    broker = broker_cpu()
+    broker = local_broker_cpu()
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)

@@ -5,7 +5,8 @@ PATH being a checkout of the code to compare with (`git worktree add /tmp/base <
 Each run is a child process that puts one code tree first on its path, fills a fresh job
 with `--updates` + K updates of `--size` bytes, runs an `Aggregator` (FedBuff K=10) in its
 own process from version 1 to the last, and reports its CPU seconds per update
-(`process_time`) and updates/s. Runs alternate base, this tree, base, ... so both see the
+(`process_time`), the broker's CPU per update when RabbitMQ runs on this machine, and
+updates/s. Runs alternate base, this tree, base, ... so both see the
 same machine: on a shared VM whose speed moves from hour to hour, only such pairs tell a
 few percent apart. Prints the medians and their ratio (base CPU / this tree's CPU).
 """
@@ -14,16 +15,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUFFER_SIZE = 10
 CHILD_TIMEOUT = 600.0
+KEYS = ("cpu_us", "broker_us", "rate")
 
 
 async def drain_once(size: int, updates: int) -> dict[str, float]:
@@ -53,17 +57,41 @@ async def drain_once(size: int, updates: int) -> dict[str, float]:
                 # Start-up and the first version stay outside the timed window.
                 version = await bench.store.wait_for_version(0, timeout=60)
                 cpu, wall = time.process_time(), time.perf_counter()
+                broker_cpu = local_broker_cpu()
+                broker_before = broker_cpu() if broker_cpu else 0.0
                 target = 1 + updates // BUFFER_SIZE
                 async with asyncio.timeout(CHILD_TIMEOUT):
                     while version < target:
                         version = await bench.store.wait_for_version(version, timeout=5)
                 cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+                broker_us = (broker_cpu() - broker_before) / updates * 1e6 if broker_cpu else -1
                 aggregator.stop()
                 await running
         finally:
             await store.close()
             await broker.close()
-    return {"cpu_us": cpu / updates * 1e6, "rate": updates / wall}
+    return {"cpu_us": cpu / updates * 1e6, "broker_us": broker_us, "rate": updates / wall}
+
+
+def local_broker_cpu() -> Callable[[], float] | None:
+    """Return a reader of the local RabbitMQ's CPU seconds, or None if it is not local.
+
+    Here, not in bench/harness.py: a child imports `bench` from the tree it measures, which
+    may predate it, but runs this file's own functions.
+    """
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "beam.smp":
+                return functools.partial(_cpu_seconds, entry / "stat")
+        except OSError:
+            continue
+    return None
+
+
+def _cpu_seconds(stat: Path) -> float:
+    """User plus system CPU seconds of a process, from its /proc stat line."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_child(root: Path, size: int, updates: int) -> dict[str, float]:
@@ -101,16 +129,21 @@ def main() -> None:
             last = runs[name][-1]
             print(
                 f"pair {pair + 1} {name}: {last['cpu_us']:.0f} us/update, "
-                f"{last['rate']:.0f} updates/s",
+                f"broker {last['broker_us']:.0f} us/update, {last['rate']:.0f} updates/s",
                 file=sys.stderr,
             )
-    cpu = {name: median([r["cpu_us"] for r in values]) for name, values in runs.items()}
-    rate = {name: median([r["rate"] for r in values]) for name, values in runs.items()}
+    cpu, broker, rate = ({n: median([r[k] for r in v]) for n, v in runs.items()} for k in KEYS)
+    # The broker's CPU is only there when RabbitMQ runs on this machine (-1 otherwise).
+    broker_part = (
+        f"broker {broker['this']:.0f} vs {broker['base']:.0f} us/update, "
+        if broker["this"] >= 0 and broker["base"] >= 0
+        else ""
+    )
     print(
         f"drain-ab: this tree {cpu['this']:.0f} us/update vs base {cpu['base']:.0f} = ratio "
-        f"{cpu['base'] / cpu['this']:.2f} (updates/s {rate['this']:.0f} vs {rate['base']:.0f}); "
-        f"{args.updates} updates of {args.size} bytes, FedBuff K={BUFFER_SIZE}, "
-        f"medians of {args.pairs} alternating pairs"
+        f"{cpu['base'] / cpu['this']:.2f} ({broker_part}updates/s {rate['this']:.0f} vs "
+        f"{rate['base']:.0f}); {args.updates} updates of {args.size} bytes, FedBuff "
+        f"K={BUFFER_SIZE}, medians of {args.pairs} alternating pairs"
     )
 
 
