@@ -79,13 +79,24 @@ def local_broker_cpu() -> Callable[[], float] | None:
     Here, not in bench/harness.py: a child imports `bench` from the tree it measures, which
     may predate it, but runs this file's own functions.
     """
+    return local_process_cpu("beam.smp")
+
+
+def local_process_cpu(command: str) -> Callable[[], float] | None:
+    """Return a reader of the CPU seconds of the first process on this machine whose command
+    is `command` (`beam.smp`, `redis-server`), or None if there is none."""
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "beam.smp":
-                return functools.partial(_cpu_seconds, entry / "stat")
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == command:
+                return process_cpu(int(entry.name))
         except OSError:
             continue
     return None
+
+
+def process_cpu(pid: int) -> Callable[[], float]:
+    """Return a reader of process `pid`'s CPU seconds (Linux /proc)."""
+    return functools.partial(_cpu_seconds, Path(f"/proc/{pid}/stat"))
 
 
 def _cpu_seconds(stat: Path) -> float:

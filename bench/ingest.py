@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.drain_ab import local_process_cpu, process_cpu
 from bench.harness import (
     AMQP_URL,
     REDIS_URL,
@@ -103,6 +104,34 @@ async def child(*args: str, job: str | None = None) -> AsyncIterator[Process]:
         await process.wait()
 
 
+class CpuSplit:
+    """CPU per update of each process on this machine over a timed window: the benchmark
+    (publishers), its consumer child, RabbitMQ and Redis. On two shared cores, wall time is
+    about their sum over two, so this says which process a change should take CPU from."""
+
+    def __init__(self, consumer_pid: int) -> None:
+        readers = {
+            "publishers": time.process_time,
+            "consumer": process_cpu(consumer_pid),
+            "rabbitmq": local_process_cpu("beam.smp"),
+            "redis": local_process_cpu("redis-server"),
+        }
+        self._readers = {name: read for name, read in readers.items() if read is not None}
+        self._start = {name: read() for name, read in self._readers.items()}
+
+    def per_update_us(self, count: int) -> dict[str, float]:
+        """Each process's CPU since the window began, in us per update."""
+        return {
+            name: (read() - self._start[name]) / count * 1e6 for name, read in self._readers.items()
+        }
+
+
+def describe_split(split: dict[str, float]) -> str:
+    """`publishers 610, consumer 1140, ... = total 2760 us/update of CPU`."""
+    parts = ", ".join(f"{name} {us:.0f}" for name, us in split.items())
+    return f"CPU {parts} = {sum(split.values()):.0f} us/update"
+
+
 async def wait_for_version(store: RedisModelStore, target: int) -> None:
     """Return once the job's committed version reaches `target`."""
     version = await store.current_version()
@@ -111,9 +140,12 @@ async def wait_for_version(store: RedisModelStore, target: int) -> None:
             version = await store.wait_for_version(version, timeout=5.0)
 
 
-async def fedq_rate(size: int, count: int, concurrency: int, *, drain: bool = False) -> float:
-    """Return the updates/s the aggregator service applies with `concurrency` publishers;
-    with `drain`, from a queue filled before it starts (the aggregator alone)."""
+async def fedq_rate(
+    size: int, count: int, concurrency: int, *, drain: bool = False
+) -> tuple[float, dict[str, float]]:
+    """Return the updates/s the aggregator service applies with `concurrency` publishers
+    (with `drain`, from a queue filled before it starts: the aggregator alone), and the CPU
+    split of the timed window."""
     model = synthetic_model(size)
     payload = encode(synthetic_model(size, seed=1))
     versions = count // BUFFER_SIZE
@@ -121,22 +153,24 @@ async def fedq_rate(size: int, count: int, concurrency: int, *, drain: bool = Fa
     async with bench_job("ingest", model, strategy) as bench:
         if drain:
             await publish_updates(bench, payload, BUFFER_SIZE + count, concurrency)
-        async with child("-m", "aggregator", job=bench.job):
+        async with child("-m", "aggregator", job=bench.job) as aggregator:
             # Warm up (start-up, first consume, first commit) outside the timed window.
             if not drain:
                 await publish_updates(bench, payload, BUFFER_SIZE, concurrency)
             await wait_for_version(bench.store, 1)
-            started = time.perf_counter()
+            started, split = time.perf_counter(), CpuSplit(aggregator.pid)
             if not drain:
                 await publish_updates(bench, payload, count, concurrency, base_version=1)
             await wait_for_version(bench.store, 1 + versions)
-            elapsed = time.perf_counter() - started
-    return rate(count, elapsed)
+            elapsed, cpu = time.perf_counter() - started, split.per_update_us(count)
+    return rate(count, elapsed), cpu
 
 
-async def raw_rate(size: int, count: int, concurrency: int, *, drain: bool = False) -> float:
-    """Return the messages/s of plain aio-pika publish+consume of `size`-byte messages; with
-    `drain`, consumed from a queue filled before the consumer starts."""
+async def raw_rate(
+    size: int, count: int, concurrency: int, *, drain: bool = False
+) -> tuple[float, dict[str, float]]:
+    """Return the messages/s of plain aio-pika publish+consume of `size`-byte messages (with
+    `drain`, consumed from a queue filled before the consumer starts), and the CPU split."""
     body = encode(synthetic_model(size, seed=1))
     async with raw_queue("ingest") as raw:
         if drain:
@@ -150,12 +184,12 @@ async def raw_rate(size: int, count: int, concurrency: int, *, drain: bool = Fal
             if not drain:
                 await publish_raw(raw.publish, body, BUFFER_SIZE, concurrency)
             await expect_line(consumer.stdout, b"warm")
-            started = time.perf_counter()
+            started, split = time.perf_counter(), CpuSplit(consumer.pid)
             if not drain:
                 await publish_raw(raw.publish, body, count, concurrency)
             await expect_line(consumer.stdout, b"done")
-            elapsed = time.perf_counter() - started
-    return rate(count, elapsed)
+            elapsed, cpu = time.perf_counter() - started, split.per_update_us(count)
+    return rate(count, elapsed), cpu
 
 
 async def expect_line(stream: asyncio.StreamReader, expected: bytes) -> None:
@@ -186,11 +220,14 @@ def measure(size: int, args: argparse.Namespace, *, drain: bool) -> Summary:
     raws: list[float] = []
     mode = "drain" if drain else "ingest"
     for run in range(args.repeats):
-        ours.append(asyncio.run(fedq_rate(size, count, args.concurrency, drain=drain)))
-        raws.append(asyncio.run(raw_rate(size, count, args.concurrency, drain=drain)))
+        our_rate, our_cpu = asyncio.run(fedq_rate(size, count, args.concurrency, drain=drain))
+        raw, raw_cpu = asyncio.run(raw_rate(size, count, args.concurrency, drain=drain))
+        ours.append(our_rate)
+        raws.append(raw)
         print(
-            f"{mode} {human_bytes(size)} run {run + 1}: fedq {ours[-1]:.1f} updates/s, "
-            f"raw {raws[-1]:.1f} msg/s ({count} messages)",
+            f"{mode} {human_bytes(size)} run {run + 1}: fedq {our_rate:.1f} updates/s "
+            f"({describe_split(our_cpu)}), raw {raw:.1f} msg/s ({describe_split(raw_cpu)}); "
+            f"{count} messages",
             file=sys.stderr,
             flush=True,
         )
