@@ -106,8 +106,8 @@ async def child(*args: str, job: str | None = None) -> AsyncIterator[Process]:
 
 class CpuSplit:
     """CPU per update of each process on this machine over a timed window: the benchmark
-    (publishers), its consumer child, RabbitMQ and Redis. On two shared cores, wall time is
-    about their sum over two, so this says which process a change should take CPU from."""
+    (publishers), its consumer child, RabbitMQ and Redis. When they saturate the cores they
+    share, this says which process a change should take CPU from."""
 
     def __init__(self, consumer_pid: int) -> None:
         readers = {
@@ -127,7 +127,7 @@ class CpuSplit:
 
 
 def describe_split(split: dict[str, float]) -> str:
-    """`publishers 610, consumer 1140, ... = total 2760 us/update of CPU`."""
+    """`CPU publishers 610, consumer 1140, rabbitmq 910, redis 100 = 2760 us/update`."""
     parts = ", ".join(f"{name} {us:.0f}" for name, us in split.items())
     return f"CPU {parts} = {sum(split.values()):.0f} us/update"
 
