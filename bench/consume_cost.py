@@ -28,7 +28,7 @@ import aiormq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.drain_ab import local_broker_cpu
+from bench.drain_ab import local_process_cpu
 from bench.harness import AMQP_URL, bench_job_id
 from bench.measure import median
 from infra.amqp_acks import ChannelAcks
@@ -135,7 +135,7 @@ async def run_once(
     """Fill a fresh queue, consume it with `consume`, delete it; return CPU us per message
     of this process and of the broker (None if it is not on this machine)."""
     queue = f"{bench_job_id('consume-cost')}.raw"
-    broker = local_broker_cpu()
+    broker = local_process_cpu("beam.smp")
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)

@@ -57,7 +57,7 @@ async def drain_once(size: int, updates: int) -> dict[str, float]:
                 # Start-up and the first version stay outside the timed window.
                 version = await bench.store.wait_for_version(0, timeout=60)
                 cpu, wall = time.process_time(), time.perf_counter()
-                broker_cpu = local_broker_cpu()
+                broker_cpu = local_process_cpu("beam.smp")
                 broker_before = broker_cpu() if broker_cpu else 0.0
                 target = 1 + updates // BUFFER_SIZE
                 async with asyncio.timeout(CHILD_TIMEOUT):
@@ -73,18 +73,13 @@ async def drain_once(size: int, updates: int) -> dict[str, float]:
     return {"cpu_us": cpu / updates * 1e6, "broker_us": broker_us, "rate": updates / wall}
 
 
-def local_broker_cpu() -> Callable[[], float] | None:
-    """Return a reader of the local RabbitMQ's CPU seconds, or None if it is not local.
+def local_process_cpu(command: str) -> Callable[[], float] | None:
+    """Return a reader of the CPU seconds of the first process on this machine whose command
+    is `command` (`beam.smp`, `redis-server`), or None if there is none.
 
     Here, not in bench/harness.py: a child imports `bench` from the tree it measures, which
     may predate it, but runs this file's own functions.
     """
-    return local_process_cpu("beam.smp")
-
-
-def local_process_cpu(command: str) -> Callable[[], float] | None:
-    """Return a reader of the CPU seconds of the first process on this machine whose command
-    is `command` (`beam.smp`, `redis-server`), or None if there is none."""
     for entry in Path("/proc").iterdir():
         try:
             if entry.name.isdigit() and (entry / "comm").read_text().strip() == command:

@@ -20,7 +20,7 @@ from infra.protocols import Broker, ModelStore
 from infra.redis_store import RedisModelStore
 from schemas import JobConfig, StrategyConfig, UpdateHeader, VersionMeta
 from schemas.codec import encode, schema_of, sha256_hex
-from schemas.wire import UPDATE_HEADER
+from schemas.wire import UPDATE_HEADER, update_fields
 from tests.conftest import AMQP_URL, REDIS_URL
 
 INITIAL = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([0.5])}
@@ -145,10 +145,8 @@ def edit_fields(
     headers: Mapping[str, Any], *, drop: tuple[str, ...] = (), **changes: Any
 ) -> dict[str, Any]:
     """Change (or `drop`) update fields in headers of either form, keeping the form."""
-    document = headers.get(UPDATE_HEADER)
-    fields = dict(headers) if document is None else json.loads(document)
-    fields = {k: v for k, v in {**fields, **changes}.items() if k not in drop}
-    return fields if document is None else {**headers, UPDATE_HEADER: json.dumps(fields)}
+    fields = {k: v for k, v in {**update_fields(headers), **changes}.items() if k not in drop}
+    return {**headers, UPDATE_HEADER: json.dumps(fields)} if UPDATE_HEADER in headers else fields
 
 
 def delta(w: float, b: float = 0.0) -> dict[str, torch.Tensor]:

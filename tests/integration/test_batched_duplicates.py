@@ -4,7 +4,8 @@ also while the version it would have to know about is being committed."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import pytest
@@ -52,6 +53,25 @@ async def _publish(backends: Backends, built: tuple[dict[str, Any], bytes, str])
     )
 
 
+@contextlib.asynccontextmanager
+async def _aggregator(
+    backends: Backends, store: CountingStore, count: int
+) -> AsyncIterator[tuple[Aggregator, list[Delivery]]]:
+    """Take `count` deliveries and yield them with an aggregator on `store`; close after."""
+    stream = backends.broker.consume(backends.config.job, prefetch=10)
+    try:
+        deliveries: list[Delivery] = [await anext(stream) for _ in range(count)]
+        async with Aggregator(
+            job=backends.config.job,
+            broker=backends.broker,
+            store=cast(ModelStore, store),
+            retry_seconds=0.1,
+        ) as aggregator:
+            yield aggregator, deliveries
+    finally:
+        await stream.aclose()
+
+
 @pytest.mark.parametrize("kind", ["real", "memory"])
 async def test_redeliveries_during_and_after_a_commit_are_applied_once(
     kind: str, job_id: str
@@ -62,27 +82,17 @@ async def test_redeliveries_during_and_after_a_commit_are_applied_once(
         for built in (first, update(job_id, delta(3.0)), first, first):
             await _publish(backends, built)
         store = CountingStore(backends.store)
-        stream = backends.broker.consume(job_id, prefetch=10)
-        try:
-            deliveries: list[Delivery] = [await anext(stream) for _ in range(4)]
-            async with Aggregator(
-                job=job_id,
-                broker=backends.broker,
-                store=cast(ModelStore, store),
-                retry_seconds=0.1,
-            ) as aggregator:
-                # Act: the second A comes while version 1 is being committed (held at the
-                # gate), when the flag read for the batch still says "not applied"...
-                await aggregator.handle_batch(deliveries[:3])
-                calls_during_commit = store.applied_calls
-                version_during_commit = await backends.store.current_version()
-                store.gate.set()
-                await aggregator.settle_commit()
-                # ...and the third one after it, in a batch of its own.
-                await aggregator.handle_batch(deliveries[3:])
-                await aggregator.settle_commit()
-        finally:
-            await stream.aclose()
+        async with _aggregator(backends, store, 4) as (aggregator, deliveries):
+            # Act: the second A comes while version 1 is being committed (held at the
+            # gate), when the flag read for the batch still says "not applied"...
+            await aggregator.handle_batch(deliveries[:3])
+            calls_during_commit = store.applied_calls
+            version_during_commit = await backends.store.current_version()
+            store.gate.set()
+            await aggregator.settle_commit()
+            # ...and the third one after it, in a batch of its own.
+            await aggregator.handle_batch(deliveries[3:])
+            await aggregator.settle_commit()
         # Assert: A counted once, though the batch read its flag before A was committed
         assert (calls_during_commit, version_during_commit) == (1, 0)
         assert await backends.store.current_version() == 1
@@ -124,23 +134,13 @@ async def test_a_flag_read_that_a_commit_overtakes_is_not_trusted(kind: str, job
         for built in (first, update(job_id, delta(3.0)), first, update(job_id, delta(5.0))):
             await _publish(backends, built)
         store = CommitDuringRead(backends.store)
-        stream = backends.broker.consume(job_id, prefetch=10)
-        try:
-            deliveries: list[Delivery] = [await anext(stream) for _ in range(4)]
-            async with Aggregator(
-                job=job_id,
-                broker=backends.broker,
-                store=cast(ModelStore, store),
-                retry_seconds=0.1,
-            ) as aggregator:
-                store.aggregator = aggregator
-                # Act
-                await aggregator.handle_batch(deliveries[:2])
-                await aggregator.handle_batch(deliveries[2:3])
-                await aggregator.handle_batch(deliveries[3:])
-                await aggregator.settle_commit()
-        finally:
-            await stream.aclose()
+        async with _aggregator(backends, store, 4) as (aggregator, deliveries):
+            store.aggregator = aggregator
+            # Act
+            await aggregator.handle_batch(deliveries[:2])
+            await aggregator.handle_batch(deliveries[2:3])
+            await aggregator.handle_batch(deliveries[3:])
+            await aggregator.settle_commit()
         # Assert: the second A is a duplicate, so C waits alone for a second update (before,
         # the stale "not applied" was trusted: A was folded again, and made version 2 with C)
         assert aggregator.stats.duplicates == 1
