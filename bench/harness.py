@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import torch
@@ -76,9 +77,10 @@ class BenchJob:
 
 @contextlib.asynccontextmanager
 async def bench_job(
-    name: str, model: dict[str, torch.Tensor], strategy: StrategyConfig
+    name: str, model: dict[str, torch.Tensor], strategy: StrategyConfig, **settings: Any
 ) -> AsyncIterator[BenchJob]:
-    """Create a job whose version 0 is `model`; delete all its keys and queues afterwards."""
+    """Create a job whose version 0 is `model`, with any other JobConfig `settings`; delete
+    all its keys and queues afterwards."""
     job = bench_job_id(name)
     broker = await AmqpBroker.connect(AMQP_URL, connection_name=f"{job}-setup")
     store = RedisModelStore.from_url(REDIS_URL, job)
@@ -88,6 +90,7 @@ async def bench_job(
         strategy=strategy,
         model_schema=schema_of(model),
         created_at=time.time(),
+        **settings,
     )
     model_bytes = encode(model)
     meta = VersionMeta(

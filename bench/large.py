@@ -1,16 +1,20 @@
 """Large: a 500 MB update from publish to committed version vs raw Redis SET+GET of the bytes.
 
-Run: `python bench/large.py [--quick] [--bytes 500000000] [--repeats 2]`.
+Run: `python bench/large.py [--quick] [--bytes 500000000] [--repeats 2] [--updates 3]`.
 A job whose model is `--bytes` of float32 runs FedBuff with K=1 (every update is a version)
 under `python -m aggregator` in a child process, as deployed. The figure is the time from
 `send_update` (the claim-check SET of the payload, then the confirmed publish) to the moment
 the store reports the new version: the aggregator's GET of the blob, decode and validation,
-the fold, the encode and the commit (SET + Lua) in between. Each run sends two updates to a
-fresh aggregator: the figure is the second's time, the service's steady state, in which the
-aggregator writes into the buffers the first one left (the first update's time, which pays
-for faulting those buffers in, is reported beside it). The baseline is a plain SET and GET
-of the same bytes on the same Redis from this process. Peak RSS is the aggregator child's
-(VmHWM, the largest over the runs) and this sender's. Every key is deleted afterwards.
+the fold, the encode and the commit (SET + Lua) in between. Each run sends `--updates`
+updates, one after the other, to a fresh aggregator, and the figure is the median of all but
+the first: the service's steady state. There the aggregator writes into the buffers the
+update before left (the first update's time, which pays for faulting them in, is reported
+beside it), and Redis holds a constant number of versions, each commit pruning the oldest:
+the job keeps the fewest the config allows (keep_versions=2, max_staleness=1), so that
+pruning starts at the second update instead of after `versions_kept` of them. The baseline
+is a plain SET and GET of the same bytes on the same Redis from this process. Peak RSS is
+the aggregator child's (VmHWM, the largest over the runs) and this sender's. Every key is
+deleted afterwards.
 """
 
 from __future__ import annotations
@@ -57,7 +61,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bytes", type=int, default=500_000_000)
     parser.add_argument("--quick", action="store_true", help="50 MB")
     parser.add_argument("--repeats", type=int, default=2)
-    return parser.parse_args()
+    parser.add_argument("--updates", type=int, default=3, help="per run, at least 2")
+    args = parser.parse_args()
+    if args.updates < 2:
+        parser.error("--updates must be at least 2: the first one is not the steady state")
+    return args
 
 
 @contextlib.asynccontextmanager
@@ -103,18 +111,19 @@ def peak_rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmHWM for process {pid}")
 
 
-async def pipeline_seconds(size: int, workdir: Path) -> tuple[float, float, int]:
-    """Return the seconds from send_update to the committed version of a fresh aggregator's
-    first and second update, and the child's peak RSS."""
+async def pipeline_seconds(size: int, updates: int, workdir: Path) -> tuple[list[float], int]:
+    """Return the seconds from send_update to the committed version of each of a fresh
+    aggregator's `updates` updates, and the child's peak RSS."""
     model = synthetic_model(size)
-    async with bench_job("large", model, fedbuff(1)) as bench:
+    strategy = fedbuff(1, max_staleness=1)
+    async with bench_job("large", model, strategy, keep_versions=2) as bench:
         del model
         payload = encode(synthetic_model(size, seed=1))
         sha256 = sha256_hex(payload)
         seconds: list[float] = []
         store = bench.store
         async with aggregator_process(bench, workdir / f"{bench.job}.log") as peak:
-            for base_version in (0, 1):
+            for base_version in range(updates):
                 header = update_header(bench.config, payload, sha256, base_version=base_version)
                 started = time.perf_counter()
                 await send_update(bench.broker, store, bench.config, header, payload)
@@ -122,7 +131,7 @@ async def pipeline_seconds(size: int, workdir: Path) -> tuple[float, float, int]
                 seconds.append(time.perf_counter() - started)
                 if version <= base_version:
                     raise RuntimeError(f"no version committed within {RUN_TIMEOUT}s")
-        return seconds[0], seconds[1], peak[0]
+        return seconds, peak[0]
 
 
 async def redis_seconds(size: int) -> float:
@@ -154,14 +163,15 @@ def main() -> None:
     peaks: list[int] = []
     with tempfile.TemporaryDirectory(prefix="fedq-bench-large-") as workdir:
         for run in range(args.repeats):
-            first, steady, peak = asyncio.run(pipeline_seconds(size, Path(workdir)))
-            firsts.append(first)
-            ours.append(steady)
+            seconds, peak = asyncio.run(pipeline_seconds(size, args.updates, Path(workdir)))
+            firsts.append(seconds[0])
+            ours.extend(seconds[1:])
             peaks.append(peak)
             base.append(asyncio.run(redis_seconds(size)))
+            steady = ", ".join(f"{s:.2f}" for s in seconds[1:])
             print(
-                f"large run {run + 1}: publish to version {ours[-1]:.2f} s "
-                f"(first update {first:.2f} s), Redis SET+GET {base[-1]:.2f} s",
+                f"large run {run + 1}: publish to version {steady} s "
+                f"(first update {seconds[0]:.2f} s), Redis SET+GET {base[-1]:.2f} s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -178,7 +188,7 @@ def main() -> None:
         extra=(
             f"{size / 1e6:.0f} MB, first update {median(firsts):.2f} s, "
             f"peak RSS aggregator {child_rss:.2f} GiB, "
-            f"sender {own_rss:.2f} GiB, median of {args.repeats}"
+            f"sender {own_rss:.2f} GiB, median of {len(ours)} updates in {args.repeats} runs"
         ),
     )
     print(summary.line(), flush=True)

@@ -368,7 +368,17 @@ class RedisModelStore:
         # spends about 200 us of CPU on each). A big one would hold Redis for the whole
         # call, so it goes first to the temporary key, chunked if need be.
         inline = len(model) <= min(INLINE_MODEL_BYTES, self._values.chunk_bytes)
+        pruned = keys.model(new_version - kept) if new_version - kept >= 0 else None
         if not inline:
+            if pruned is not None:
+                # The version this commit prunes goes first, so that the new model is written
+                # into the memory it frees: Redis holds `kept` models at most, not kept + 1,
+                # and pages it already has are reused (fresh pages cost a fault each; 500 MB
+                # committed in 0.5-0.9 s instead of 0.9-2.0 s). That version is past
+                # max_staleness at the new head, which is the only one admitting updates
+                # meanwhile; if the commit then fails, the next commit would prune it anyway.
+                # kept >= 2 (keep_versions), so this is never the current version.
+                await self._client.unlink(pruned)
             await self._values.write(temp, model, ex=TEMP_MODEL_TTL_SECONDS)
         script_keys = [
             keys.version,
@@ -379,9 +389,9 @@ class RedisModelStore:
             keys.versions_stream,
             keys.device_tallies,
         ]
-        if new_version - kept >= 0:
+        if pruned is not None:
             # Named in KEYS (not built inside Lua) so the script declares every key it touches.
-            script_keys.append(keys.model(new_version - kept))
+            script_keys.append(pruned)
         result = await self._commit_script(
             keys=script_keys,
             args=[

@@ -16,6 +16,7 @@ from infra.redis_store import RedisModelStore
 from infra.redis_values import ValueIO
 from schemas import JobConfig, VersionMeta
 from schemas.codec import sha256_hex
+from schemas.safetensors_format import ByteBuffer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -107,6 +108,52 @@ async def test_chunked_models_commit_prune_and_delete_as_one_key(
     assert await client.ttl(keys.model(3)) == -1
     await store.delete_job()
     assert await _keys(client, job_id) == set()
+
+
+class _KeysAtWrite(ValueIO):
+    """A ValueIO that notes which model keys exist when each value starts to be written."""
+
+    seen: list[set[bytes]]
+
+    async def write(self, key: str, data: ByteBuffer, *, ex: int) -> None:
+        pattern = f"{key.split(':model:')[0]}:model:*"
+        existing = {k async for k in self.client.scan_iter(match=pattern)}
+        self.seen.append({k for k in existing if b":tmp:" not in k})
+        await super().write(key, data, ex=ex)
+
+
+async def test_a_big_commit_prunes_before_it_writes_the_new_model(
+    client: aioredis.Redis, job_id: str
+) -> None:
+    # Arrange: two versions kept, models of five chunks, a writer that looks before writing
+    values = _KeysAtWrite(client, chunk_bytes=CHUNK)
+    object.__setattr__(values, "seen", [])
+    store = RedisModelStore(client, job_id, values=values)
+    models = [bytearray(os.urandom(5 * CHUNK)) for _ in range(4)]
+    config = JobConfig(
+        job=job_id,
+        task="tiny",
+        model_schema={"w": {"shape": (1,), "dtype": "float32"}},
+        keep_versions=2,
+        strategy={"max_staleness": 0},
+        created_at=time.time(),
+    )
+    keys = JobKeys(job_id)
+    try:
+        await store.create_job(config, models[0], _meta(0, models[0]))
+        values.seen.clear()
+        # Act
+        for version in range(1, 4):
+            await store.commit(version - 1, models[version], _meta(version, models[version]))
+        # Assert: the version a commit prunes was gone before its new model was written, so
+        # Redis never held more than two models (one of them partial); the current one
+        # was always there
+        model = [keys.model(v).encode() for v in range(4)]
+        assert values.seen == [{model[0]}, {model[1]}, {model[2]}]
+        assert await store.latest() == (3, models[3])
+        assert await store.get_model(2) == models[2]
+    finally:
+        await store.delete_job()
 
 
 async def test_a_transfer_over_its_deadline_is_unavailable_and_leaves_no_value(
