@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -344,28 +345,32 @@ class Aggregator:
         if header.payload == "inline":
             receipts = await self._fold_payload(header, delivery, delivery.body)
         else:
-            blob = await self._blob(header)
+            blob, blob_sha256 = await self._blob(header)
             try:
-                receipts = await self._fold_payload(header, delivery, blob)
+                receipts = await self._fold_payload(header, delivery, blob, blob_sha256)
             finally:
                 self._keep_spare_blob(blob)
         if receipts is not None:
             await self._commit(receipts)
 
     async def _fold_payload(
-        self, header: UpdateHeader, delivery: Delivery, payload: ByteBuffer
+        self,
+        header: UpdateHeader,
+        delivery: Delivery,
+        payload: ByteBuffer,
+        payload_sha256: str | None = None,
     ) -> list[Receipt] | None:
-        """Check, decode and fold an admitted update's payload; return a new version's
-        receipts, if it completes one."""
+        """Check, decode and fold an admitted update's payload (whose sha256 is computed
+        here unless given); return a new version's receipts, if it completes one."""
         if self._sink is None and not self._needs_base(header):
             # The common case needs nothing more from Redis: hash, decode and fold in one
             # thread-pool hop, which keeps the payload's sha256 off the event loop too.
             def decode_and_add() -> list[Receipt] | None:
-                tensors = self._checked_tensors(header, payload)
+                tensors = self._checked_tensors(header, payload, payload_sha256)
                 return self._timed_add(self._make_contribution(header, tensors))
 
             return await self._add(header, delivery, decode_and_add)
-        tensors = await asyncio.to_thread(self._checked_tensors, header, payload)
+        tensors = await asyncio.to_thread(self._checked_tensors, header, payload, payload_sha256)
         contribution = await self._contribution(header, tensors)
         if self._sink is not None:
             await self._sink(header, delivery, contribution)
@@ -378,9 +383,11 @@ class Aggregator:
     def _needs_base(self, header: UpdateHeader) -> bool:
         return self.strategy.needs_base_model or header.kind == "weights"
 
-    def _checked_tensors(self, header: UpdateHeader, payload: ByteBuffer) -> Model:
+    def _checked_tensors(
+        self, header: UpdateHeader, payload: ByteBuffer, payload_sha256: str | None
+    ) -> Model:
         """Check the payload's size and hash, then decode and validate it (in a thread)."""
-        check_payload(header, payload)
+        check_payload(header, payload, payload_sha256)
         return decode_validated(
             payload, self.config.model_schema, header.codec, partial=header.keys == "partial"
         )
@@ -434,18 +441,24 @@ class Aggregator:
             return True
         return False
 
-    async def _blob(self, header: UpdateHeader) -> ByteBuffer:
+    async def _blob(self, header: UpdateHeader) -> tuple[ByteBuffer, str]:
+        """Fetch an update's claim-check blob and its sha256, hashed as it arrived."""
         spare, self._spare_blob = self._spare_blob, None
-        blob = await self._retry(
-            lambda: self.store.get_blob(header.device_id, header.update_id, spare)
-        )
+
+        async def fetch() -> tuple[ByteBuffer | None, str]:
+            # A fresh digest per attempt: a retried read starts from the first byte.
+            digest = hashlib.sha256()
+            blob = await self.store.get_blob(header.device_id, header.update_id, spare, digest)
+            return blob, digest.hexdigest()
+
+        blob, sha256 = await self._retry(fetch)
         if blob is not spare:
             # Not used (another length, or a value small enough for one GET): keep it.
             self._spare_blob = spare
         if blob is None:
             raise Rejection(RejectReason.BLOB_MISSING, f"no claim-check blob {header.update_id}")
         self.metrics.received_bytes.inc(len(blob))
-        return blob
+        return blob, sha256
 
     def _keep_spare_blob(self, blob: ByteBuffer) -> None:
         """Keep a folded payload's buffer for the next one, unless a tensor still uses it

@@ -77,14 +77,15 @@ def check_sizes(header: UpdateHeader, body: bytes, config: JobConfig) -> None:
         )
 
 
-def check_payload(header: UpdateHeader, payload: ByteBuffer) -> None:
-    """Check the payload (inline body or fetched blob) against the header's size and hash."""
+def check_payload(header: UpdateHeader, payload: ByteBuffer, sha256: str | None = None) -> None:
+    """Check the payload (inline body or fetched blob) against the header's size and hash;
+    `sha256` is the payload's, if it was hashed already (as it arrived)."""
     if len(payload) != header.payload_bytes:
         raise Rejection(
             RejectReason.SIZE_MISMATCH,
             f"payload has {len(payload)} bytes, header says {header.payload_bytes}",
         )
-    if sha256_hex(payload) != header.payload_sha256:
+    if (sha256 if sha256 is not None else sha256_hex(payload)) != header.payload_sha256:
         raise Rejection(RejectReason.HASH_MISMATCH, "payload sha256 differs from the header's")
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from infra.errors import DeviceExists, JobExists, JobNotFound, VersionConflict
-from infra.protocols import DeviceRecord, DeviceTally, tallies_from_fields
+from infra.protocols import DeviceRecord, DeviceTally, Digest, tallies_from_fields
 from schemas import JobConfig, VersionMeta
 from schemas.safetensors_format import ByteBuffer
 
@@ -228,10 +228,14 @@ class MemoryModelStore:
         self._hub.state(self.job).blobs[device_id, update_id] = (bytes(data), expires)
 
     async def get_blob(
-        self, device_id: str, update_id: str, into: bytearray | None = None
+        self,
+        device_id: str,
+        update_id: str,
+        into: bytearray | None = None,
+        digest: Digest | None = None,
     ) -> bytes | None:
         """Return a claim-check payload, or None once it expired or was deleted (`into` is
-        not used: the stored bytes are returned as they are)."""
+        not used: the stored bytes are returned as they are; `digest` is fed them)."""
         await _checkpoint()
         blobs = self._hub.peek(self.job).blobs
         entry = blobs.get((device_id, update_id))
@@ -241,6 +245,8 @@ class MemoryModelStore:
         if self._hub.clock() >= expires:
             del blobs[device_id, update_id]
             return None
+        if digest is not None:
+            digest.update(data)
         return data
 
     async def delete_blobs(self, blobs: Sequence[tuple[str, str]]) -> None:

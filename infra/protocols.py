@@ -18,6 +18,12 @@ REASON_HEADER = "x-fedq-reason"
 DETAIL_HEADER = "x-fedq-detail"
 
 
+class Digest(Protocol):
+    """A running hash, such as `hashlib.sha256()`: fed a payload's bytes as they arrive."""
+
+    def update(self, data: ByteBuffer | memoryview, /) -> None: ...
+
+
 class Delivery(Protocol):
     """One update message handed to the aggregator; it must end in exactly one settle call."""
 
@@ -236,12 +242,19 @@ class ModelStore(Protocol):
         ...
 
     async def get_blob(
-        self, device_id: str, update_id: str, into: bytearray | None = None
+        self,
+        device_id: str,
+        update_id: str,
+        into: bytearray | None = None,
+        digest: Digest | None = None,
     ) -> ByteBuffer | None:
         """Return a claim-check payload, or None once it expired or was deleted.
 
         `into` is a scratch buffer the store may fill and return instead of allocating one
         (when its length is exactly the payload's); the caller must not use it otherwise.
+        `digest`, if given, is fed the payload's bytes in order (when one is returned), so
+        that the caller need not hash them again: a store may hash them while the rest
+        are still on their way. A digest fed by a call that returned None is meaningless.
         """
         ...
 

@@ -31,7 +31,7 @@ from infra.errors import (
     VersionConflict,
 )
 from infra.keys import JobKeys
-from infra.protocols import DeviceRecord, DeviceTally, tallies_from_fields
+from infra.protocols import DeviceRecord, DeviceTally, Digest, tallies_from_fields
 from infra.redis_client import redis_client
 from infra.redis_values import ValueIO
 from infra.stream_follower import START, Mark, StreamFollower, StreamId
@@ -494,12 +494,17 @@ class RedisModelStore:
 
     @_unavailable_on_network_errors
     async def get_blob(
-        self, device_id: str, update_id: str, into: bytearray | None = None
+        self,
+        device_id: str,
+        update_id: str,
+        into: bytearray | None = None,
+        digest: Digest | None = None,
     ) -> ByteBuffer | None:
         """Return a claim-check payload, or None once it expired or was deleted; a chunked
-        one is read into `into` if its length is right (see ModelStore.get_blob)."""
+        one is read into `into` if its length is right, and hashed into `digest` as it
+        comes (see ModelStore.get_blob)."""
         key = self._keys.blob(device_id, update_id)
-        return await self._values.read(key, into)
+        return await self._values.read(key, into, digest)
 
     @_unavailable_on_network_errors
     async def delete_blobs(self, blobs: Sequence[tuple[str, str]]) -> None:

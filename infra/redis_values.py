@@ -12,6 +12,7 @@ assumed bandwidth) on top of the client's per-command socket timeout.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from infra.protocols import Digest
 from schemas.safetensors_format import ByteBuffer, reuse_or_allocate
 
 # Room for what Redis adds to a value when it allocates it (an sds header and terminator,
@@ -41,6 +43,8 @@ BYTES_PER_SECOND = 20e6
 # A chunked value's own temporary key disappears by itself if its writer dies mid-way.
 PARTIAL_TTL_SECONDS = 3600
 _SIZE, _CHUNK = b"size", b"chunk"
+# Under this, hashing (about 1 ms per MB) costs less than a hop to a worker thread.
+_HASH_IN_THREAD_BYTES = 256 * 2**10
 
 
 @dataclass(frozen=True)
@@ -75,36 +79,69 @@ class ValueIO:
         await self.client.expire(temp, ex)
         await self.client.rename(temp, key)
 
-    async def read(self, key: str, into: bytearray | None = None) -> ByteBuffer | None:
+    async def read(
+        self, key: str, into: bytearray | None = None, digest: Digest | None = None
+    ) -> ByteBuffer | None:
         """Return the value at `key` (bytes, or a bytearray if chunked), None if absent.
 
         A chunked value is read into `into` when its length is exactly the value's (memory
         already faulted in costs less than fresh memory), else into a new bytearray.
+        `digest`, if given, is fed the value's bytes: a chunked value's chunk by chunk in a
+        worker thread while the next chunk is read, so the hash costs little more time than
+        the transfer (hashlib lets go of the GIL).
         """
         try:
-            return cast(bytes | None, await self.client.get(key))
+            value = cast(bytes | None, await self.client.get(key))
         except ResponseError as exc:
             # GET on a hash answers WRONGTYPE: the value is chunked.
             if "WRONGTYPE" not in str(exc):
                 raise
+        else:
+            if value is not None and digest is not None:
+                await _feed(digest, value)
+            return value
         size, chunk = await self.client.hmget(key, [_SIZE, _CHUNK])
         if size is None or chunk is None:
             return None
-        return await self._read_chunks(key, int(size), int(chunk), into)
+        return await self._read_chunks(key, int(size), int(chunk), into, digest)
 
     async def _read_chunks(
-        self, key: str, size: int, chunk: int, into: bytearray | None
+        self, key: str, size: int, chunk: int, into: bytearray | None, digest: Digest | None
     ) -> bytearray | None:
         deadline = _Deadline(self.deadline(size))
         out = reuse_or_allocate(into, size)
-        for index, start in enumerate(range(0, size, chunk)):
-            deadline.check()
-            part = cast(bytes | None, await self.client.hget(key, str(index)))
-            # Gone or short: the value was pruned or deleted while it was being read.
-            if part is None or len(part) != min(chunk, size - start):
-                return None
-            out[start : start + len(part)] = part
+        view = memoryview(out)
+        # The hash of the chunk before this one, running while this one is read.
+        hashing: asyncio.Future[None] | None = None
+        try:
+            for index, start in enumerate(range(0, size, chunk)):
+                deadline.check()
+                part = cast(bytes | None, await self.client.hget(key, str(index)))
+                # Gone or short: the value was pruned or deleted while it was being read.
+                if part is None or len(part) != min(chunk, size - start):
+                    return None
+                end = start + len(part)
+                view[start:end] = part
+                if digest is not None:
+                    if hashing is not None:
+                        await hashing
+                    hashing = asyncio.ensure_future(_feed(digest, view[start:end]))
+        finally:
+            # Never leave a thread reading the buffer: the caller may reuse it at once.
+            if hashing is not None:
+                await asyncio.wait([hashing])
+            view.release()
+        if hashing is not None:
+            await hashing
         return out
+
+
+async def _feed(digest: Digest, data: ByteBuffer | memoryview) -> None:
+    """Hash `data` into `digest`, in a worker thread unless it is small."""
+    if len(data) < _HASH_IN_THREAD_BYTES:
+        digest.update(data)
+    else:
+        await asyncio.to_thread(digest.update, data)
 
 
 class _Deadline:

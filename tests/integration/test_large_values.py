@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from infra.redis_store import RedisModelStore
 from infra.redis_values import ValueIO
 from schemas import JobConfig, VersionMeta
 from schemas.codec import sha256_hex
-from schemas.safetensors_format import ByteBuffer
+from schemas.safetensors_format import ByteBuffer, has_no_views
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -78,6 +79,24 @@ async def test_a_chunked_value_is_read_into_a_scratch_buffer_of_its_length(
     assert wrong == bytearray(len(chunked) - 1)
     assert small == plain
     await store.delete_blobs([("dev-0", "big"), ("dev-0", "small")])
+
+
+@pytest.mark.parametrize("size", [CHUNK, 10 * CHUNK + 7])
+async def test_a_read_feeds_the_digest_the_value_and_leaves_no_view_on_its_buffer(
+    store: RedisModelStore, size: int
+) -> None:
+    # Arrange: a plain or a chunked blob, and a scratch buffer of its length
+    data = os.urandom(size)
+    await store.put_blob("dev-0", "u1", data, ttl_seconds=100)
+    into, digest = bytearray(size), hashlib.sha256()
+    # Act
+    back = await store.get_blob("dev-0", "u1", into, digest)
+    # Assert: the digest is the value's, and a chunked read's buffer can be resized again
+    # (the aggregator reuses it only then: nothing may still be hashing it)
+    assert back == data
+    assert digest.hexdigest() == sha256_hex(data)
+    if back is into:
+        assert has_no_views(into)
 
 
 async def test_chunked_models_commit_prune_and_delete_as_one_key(
@@ -159,8 +178,9 @@ async def test_a_big_commit_prunes_before_it_writes_the_new_model(
 async def test_a_transfer_over_its_deadline_is_unavailable_and_leaves_no_value(
     client: aioredis.Redis, job_id: str
 ) -> None:
-    # Arrange: 8 MiB at an assumed 1 GB/s with no fixed allowance: an 8 ms deadline
-    io = ValueIO(client, chunk_bytes=CHUNK, base_seconds=0.0, bytes_per_second=1e9)
+    # Arrange: 8 MiB at an assumed 1 TB/s with no fixed allowance: an 8 us deadline, over
+    # once the first command has gone, however fast the machine
+    io = ValueIO(client, chunk_bytes=CHUNK, base_seconds=0.0, bytes_per_second=1e12)
     key = JobKeys(job_id).blob("dev-0", "late")
     # Act / Assert
     with pytest.raises(RedisTimeoutError, match="deadline"):
@@ -177,8 +197,8 @@ async def test_a_transfer_over_its_deadline_is_unavailable_and_leaves_no_value(
 async def test_the_store_reports_a_late_transfer_as_unavailable(
     client: aioredis.Redis, job_id: str
 ) -> None:
-    # Arrange
-    late = ValueIO(client, base_seconds=0.0, bytes_per_second=1e9)
+    # Arrange: a 64 us deadline for 64 MiB (32 commands)
+    late = ValueIO(client, base_seconds=0.0, bytes_per_second=1e12)
     store = RedisModelStore(client, job_id, values=late)
     try:
         # Act / Assert

@@ -16,7 +16,7 @@ import torch
 
 from aggregator.strategies import Contribution
 from device_agent.sender import send_update
-from infra.protocols import Delivery, ModelStore
+from infra.protocols import Delivery, Digest, ModelStore
 from infra.redis_store import RedisModelStore
 from infra.redis_values import ValueIO
 from schemas import StalenessConfig, StrategyConfig, UpdateHeader, VersionMeta
@@ -45,10 +45,14 @@ class SpyStore:
     commits: list[ByteBuffer] = field(default_factory=list)
 
     async def get_blob(
-        self, device_id: str, update_id: str, into: bytearray | None = None
+        self,
+        device_id: str,
+        update_id: str,
+        into: bytearray | None = None,
+        digest: Digest | None = None,
     ) -> ByteBuffer | None:
         """Read the blob, noting the scratch buffer and the result."""
-        blob = await self.store.get_blob(device_id, update_id, into)
+        blob = await self.store.get_blob(device_id, update_id, into, digest)
         self.reads.append((into, blob))
         return blob
 
@@ -126,3 +130,28 @@ async def test_a_payload_whose_tensors_are_still_held_is_never_read_over(
         # whose views the sink holds
         assert [float(c.delta["w"][0]) for c in kept] == [1.0, 2.0, 4.0]
         assert [into for into, _ in spy.reads] == [None, None, None]
+
+
+async def test_a_chunked_blob_hashed_as_it_arrives_is_still_checked_against_its_header(
+    client: aioredis.Redis, job_id: str
+) -> None:
+    async with job_backends("real", job_id, FEDBUFF_1) as backends:
+        # Arrange: two chunked blobs; one byte of the first one's middle chunk is changed in
+        # Redis after it was sent, so only its hash tells
+        store = RedisModelStore(client, job_id, values=ValueIO(client, chunk_bytes=CHUNK))
+        await _send_blobs(backends, store, [1.0, 2.0])
+        [tampered, _] = sorted(
+            [k async for k in client.scan_iter(match=f"fedq:{{{job_id}}}:blob:*")],
+            key=lambda key: b"dev-0" not in key,
+        )
+        chunk = bytearray(await client.hget(tampered, "1"))
+        chunk[0] ^= 0xFF
+        await client.hset(tampered, "1", bytes(chunk))
+        # Act
+        aggregator = await drain(replace(backends, store=store))
+        # Assert: the tampered one is dead-lettered for its hash, the other one folded
+        assert aggregator.stats.rejected == {"hash_mismatch": 1}
+        assert aggregator.stats.versions == 1
+        data = await backends.store.get_model(1)
+        assert data is not None
+        torch.testing.assert_close(decode(data)["w"], INITIAL["w"] + 2.0)

@@ -177,6 +177,15 @@ def test_hash_mismatch() -> None:
     assert caught.value.reason == RejectReason.HASH_MISMATCH
 
 
+def test_a_hash_taken_as_the_payload_arrived_is_the_one_checked() -> None:
+    # The aggregator hashes a claim-check blob while reading it and hands the hash over.
+    header = parse_header(_headers(), JOB)
+    check_payload(header, BODY, sha256_hex(BODY))
+    with pytest.raises(Rejection) as caught:
+        check_payload(header, BODY, sha256_hex(b"what actually arrived"))
+    assert caught.value.reason == RejectReason.HASH_MISMATCH
+
+
 def test_good_payload_passes_every_check() -> None:
     header = parse_header(_headers(), JOB)
     check_sizes(header, BODY, _config())
