@@ -426,7 +426,11 @@ class AmqpBroker:
         """Remove and return every message now in the job's dead-letter queue.
 
         Messages are acked together at the end, so a failure part-way returns them all to the
-        queue; `timeout` bounds the whole drain, which then returns what it has read.
+        queue. After `timeout` the drain asks for no more and returns what it has read; a
+        get already asked for is waited for (within the operation's own bound), never cut
+        off: aiormq closes a channel whose call is cancelled, and the next channel opened at
+        once can reuse its number before the broker has let go of it, which closes the
+        whole connection ("second 'channel.open' seen").
         """
         letters: list[DeadLetter] = []
         name = keys.dead_queue(job)
@@ -435,14 +439,19 @@ class AmqpBroker:
             self._temporary_channel() as channel,
         ):
             queue = await self._passive(channel, name, job)
+            # What is there now: nothing to get when it is empty, the common case.
+            waiting = queue.declaration_result.message_count or 0
+            deadline = asyncio.get_running_loop().time() + timeout
             last: AbstractIncomingMessage | None = None
-            try:
-                async with asyncio.timeout(timeout):
-                    while (message := await queue.get(fail=False, timeout=timeout)) is not None:
-                        letters.append(_dead_letter_of(message, name))
-                        last = message
-            except TimeoutError:
-                log.warning("draining %s stopped after %ss", name, timeout)
+            for _ in range(waiting):
+                if asyncio.get_running_loop().time() > deadline:
+                    log.warning("draining %s stopped after %ss", name, timeout)
+                    break
+                message = await queue.get(fail=False, timeout=None)
+                if message is None:
+                    break
+                letters.append(_dead_letter_of(message, name))
+                last = message
             if last is not None:
                 await last.ack(multiple=True)
         return letters

@@ -147,3 +147,23 @@ def test_requeue_headers_drop_dead_letter_and_broker_marks() -> None:
     }
 
     assert requeue_headers(headers) == {"device_id": "d"}
+
+
+async def test_a_drain_past_its_deadline_loses_nothing_and_keeps_the_connection(
+    dead_job: str,
+) -> None:
+    # Arrange: one connection for everything, as a test or a tool holds it
+    broker = await AmqpBroker.connect(AMQP_URL, publish_timeout=10.0)
+    try:
+        # Act: a drain whose deadline has passed before its first get, then at once more
+        # calls on the same connection (test_node_restart's kill case is the one that caught
+        # a drain cutting off a slow get, which could bring the connection down)
+        cut_short = await broker.drain_dead_letters(dead_job, timeout=0.0)
+        depth = await broker.queue_depth(dead_job)
+        everything = await broker.drain_dead_letters(dead_job)
+    finally:
+        await broker.close()
+    # Assert: the first drain took nothing away; the second has all three
+    assert cut_short == []
+    assert depth == (0, 0)
+    assert sorted(letter.message_id or "" for letter in everything) == sorted(REASONS)

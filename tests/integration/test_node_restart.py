@@ -159,6 +159,11 @@ async def test_node_restart_loses_and_doubles_nothing(
             f" {aggregator.stats.duplicates} duplicates acked"
         )
     finally:
-        await consumer.delete_job(job_id)
-        for broker in (*publishers, consumer):
-            await broker.close()
+        try:
+            await consumer.delete_job(job_id)
+        finally:
+            # Closed whatever happened above: a robust connection left open keeps
+            # reconnecting, and the event loop's teardown then never ends (the run hangs
+            # instead of reporting the failure).
+            for broker in (*publishers, consumer):
+                await broker.close()
