@@ -439,7 +439,9 @@ class AmqpBroker:
             self._temporary_channel() as channel,
         ):
             queue = await self._passive(channel, name, job)
-            # What is there now: nothing to get when it is empty, the common case.
+            # What is there now; an empty queue, the common case, needs no get at all (a
+            # get on a quorum queue whose node was just killed and restarted was seen to
+            # go unanswered while the declare was answered at once).
             waiting = queue.declaration_result.message_count or 0
             deadline = asyncio.get_running_loop().time() + timeout
             last: AbstractIncomingMessage | None = None

@@ -176,7 +176,9 @@ async def test_a_device_user_may_only_publish_updates(
         letter = aio_pika.Message(body, headers=headers, message_id=update_id)
         with pytest.raises(PublishError, match="ACCESS_REFUSED"):
             await dev.broker.publish_message(keys.DEAD_EXCHANGE, job_id, letter, timeout=5.0)
-        # Reading the update queue, or the dead letters; declaring topology
+        # Reading the update queue, or the dead letters (one is there to be read); declaring
+        # topology
+        await backends.broker.publish_message(keys.DEAD_EXCHANGE, job_id, letter, timeout=5.0)
         consumer = dev.broker.consume(job_id, prefetch=1, idle_timeout=1.0)
         with pytest.raises(AccessDenied, match="ACCESS_REFUSED"):
             await anext(consumer)
@@ -184,9 +186,12 @@ async def test_a_device_user_may_only_publish_updates(
             await dev.broker.drain_dead_letters(job_id)
         with pytest.raises(AccessDenied, match="ACCESS_REFUSED"):
             await dev.broker.declare_job(f"{job_id}-x")
-        # Its one permission still works
+        # Its one permission still works; the letter it could not read is still there
         await dev.broker.publish_raw(job_id, body, headers=headers, message_id=update_id)
         assert await backends.broker.queue_depth(job_id) == (1, 0)
+        assert [d.message_id for d in await backends.broker.drain_dead_letters(job_id)] == [
+            update_id
+        ]
 
 
 async def test_a_device_redis_user_reads_models_and_writes_only_its_own_blobs(
