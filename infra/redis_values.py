@@ -28,14 +28,16 @@ from schemas.safetensors_format import ByteBuffer, reuse_or_allocate
 # Room for what Redis adds to a value when it allocates it (an sds header and terminator,
 # about 12 bytes): a chunk of exactly 2 MiB would take jemalloc's next size class up.
 ALLOCATION_HEADROOM = 64
-# 2 MiB per command (less the headroom), measured by bench/redis_chunks.py on the 2-core VM:
-# 476 MiB went in 0.47 s and came back in 0.76-1.02 s, against 0.70-1.16 s / 0.93-1.26 s in
-# 16 MiB chunks; a 10 MB value took 18.5 ms (write, read, unlink) against 21 ms in 4 MiB
-# chunks and 25 ms as one value. Why smaller is faster, in Redis's jemalloc: an allocation of
-# 8 MiB or more goes to its oversize arena, which hands freed pages back to the kernel at
-# once, so every big chunk faults fresh pages in (on a VM, pages the host may first have to
-# back); smaller ones reuse the pages of values freed before. A 16 MiB chunk also took a
-# 20 MiB size class (used_memory 1.28x the bytes, against 1.004x now).
+# 2 MiB per command (less the headroom). `python bench/redis_chunks.py --mib 476 --chunks
+# 0,2,4,16` on the 2-core VM, alternating: written in 0.42-0.46 s and read in 0.67-0.69 s in
+# 2 MiB chunks, 0.38-0.41 / 0.61-0.66 s in 4 MiB, 0.61-0.62 / 0.77-0.85 s in 16 MiB,
+# 1.45-1.49 / 1.31-1.36 s as one value; a 10 MB value (write, read, unlink) took 18.5 ms in
+# 2 MiB chunks, 21 ms in 4 MiB and 25 ms as one value, hence 2. Why smaller is faster, in
+# Redis's jemalloc: an allocation of 8 MiB or more goes to its oversize arena, which hands
+# freed pages back to the kernel at once, so every big chunk faults fresh pages in (on a VM,
+# pages the host may first have to back); smaller ones reuse the pages of values freed
+# before. A 16 MiB chunk also took a 20 MiB size class (used_memory 1.28x the bytes, against
+# 1.004x now).
 CHUNK_BYTES = 2 * 2**20 - ALLOCATION_HEADROOM
 # Deadline of one value's transfer: a fixed allowance plus its bytes at a pessimistic rate.
 BASE_SECONDS = 10.0
