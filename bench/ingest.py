@@ -50,8 +50,9 @@ from schemas.codec import encode
 BUFFER_SIZE = 10
 # Updates per size: enough for several versions at each size, bounded in bytes. At 100 KB,
 # 1,000 updates took the raw baseline about a second, and its rate moved by 50% from one run
-# to the next (685-1,050 msg/s, 2026-12-02); 3,000 keep each run several seconds long.
-COUNTS = {100_000: 3000, 1_000_000: 400, 10_000_000: 100}
+# to the next (685-1,050 msg/s, 2026-12-02); 3,000 keep each run several seconds long. At
+# 1 MB, 400 updates lasted 1.6 s and gave 0.60-0.83 from run to run; 1,500 gave 0.69-0.77.
+COUNTS = {100_000: 3000, 1_000_000: 1500, 10_000_000: 100}
 QUICK_COUNTS = {100_000: 100, 1_000_000: 50, 10_000_000: 20}
 RUN_TIMEOUT = 600.0
 ROOT = Path(__file__).resolve().parents[1]
