@@ -134,7 +134,7 @@ class ValueIO:
                 await asyncio.wait([hashing])
             view.release()
         if hashing is not None:
-            await hashing
+            hashing.result()  # done by now; raises what the last hash raised
         return out
 
 

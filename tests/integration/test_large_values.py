@@ -38,6 +38,17 @@ def _meta(version: int, model: bytes | bytearray, contributors: int = 0) -> Vers
     )
 
 
+def _two_versions_kept(job: str) -> JobConfig:
+    return JobConfig(
+        job=job,
+        task="tiny",
+        model_schema={"w": {"shape": (1,), "dtype": "float32"}},
+        keep_versions=2,
+        strategy={"max_staleness": 0},
+        created_at=time.time(),
+    )
+
+
 async def _keys(client: aioredis.Redis, job: str) -> set[bytes]:
     return {key async for key in client.scan_iter(match=JobKeys(job).pattern)}
 
@@ -105,14 +116,7 @@ async def test_chunked_models_commit_prune_and_delete_as_one_key(
 ) -> None:
     # Arrange: models of five chunks, two versions kept
     models = [bytearray(os.urandom(5 * CHUNK)) for _ in range(4)]
-    config = JobConfig(
-        job=job_id,
-        task="tiny",
-        model_schema={"w": {"shape": (1,), "dtype": "float32"}},
-        keep_versions=2,
-        strategy={"max_staleness": 0},
-        created_at=time.time(),
-    )
+    config = _two_versions_kept(job_id)
     await store.create_job(config, models[0], _meta(0, models[0]))
     # Act
     for version in range(1, 4):
@@ -150,14 +154,7 @@ async def test_a_big_commit_prunes_before_it_writes_the_new_model(
     values = _KeysAtWrite(client, chunk_bytes=CHUNK)
     store = RedisModelStore(client, job_id, values=values)
     models = [bytearray(os.urandom(5 * CHUNK)) for _ in range(4)]
-    config = JobConfig(
-        job=job_id,
-        task="tiny",
-        model_schema={"w": {"shape": (1,), "dtype": "float32"}},
-        keep_versions=2,
-        strategy={"max_staleness": 0},
-        created_at=time.time(),
-    )
+    config = _two_versions_kept(job_id)
     keys = JobKeys(job_id)
     try:
         await store.create_job(config, models[0], _meta(0, models[0]))
