@@ -27,7 +27,8 @@ from infra.forward_ledger import ForwardLedger
 from infra.protocols import Broker, Delivery, ModelStore
 from infra.retry import retry_unavailable
 from schemas import JobConfig, UpdateHeader
-from schemas.codec import encode, sha256_hex
+from schemas.codec import encode
+from schemas.digests import blake3_hex
 from schemas.signing import sign
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ class EdgeForwarder:
             base_version=base_version,
             num_samples=num_samples,
             payload="blob" if len(payload) > self.upstream.inline_limit_bytes else "inline",
-            payload_sha256=sha256_hex(payload),
+            payload_blake3=blake3_hex(payload),
             payload_bytes=len(payload),
             train_metrics={"edge_updates": float(count)},
             sent_at=time.time(),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -44,6 +43,7 @@ from infra.protocols import Broker, Delivery, DeliveryStream, ModelStore
 from infra.retry import retry_unavailable
 from schemas import JobConfig, Rejection, RejectReason, UpdateHeader, VersionMeta
 from schemas.codec import decode, decode_validated, encode_buffer, sha256_hex
+from schemas.digests import running_hash
 from schemas.safetensors_format import ByteBuffer, has_no_views
 
 log = logging.getLogger(__name__)
@@ -345,9 +345,9 @@ class Aggregator:
         if header.payload == "inline":
             receipts = await self._fold_payload(header, delivery, delivery.body)
         else:
-            blob, blob_sha256 = await self._blob(header)
+            blob, blob_digest = await self._blob(header)
             try:
-                receipts = await self._fold_payload(header, delivery, blob, blob_sha256)
+                receipts = await self._fold_payload(header, delivery, blob, blob_digest)
             finally:
                 self._keep_spare_blob(blob)
         if receipts is not None:
@@ -358,19 +358,19 @@ class Aggregator:
         header: UpdateHeader,
         delivery: Delivery,
         payload: ByteBuffer,
-        payload_sha256: str | None = None,
+        payload_digest: str | None = None,
     ) -> list[Receipt] | None:
-        """Check, decode and fold an admitted update's payload (whose sha256 is computed
+        """Check, decode and fold an admitted update's payload (whose digest is computed
         here unless given); return a new version's receipts, if it completes one."""
         if self._sink is None and not self._needs_base(header):
             # The common case needs nothing more from Redis: hash, decode and fold in one
-            # thread-pool hop, which keeps the payload's sha256 off the event loop too.
+            # thread-pool hop, which keeps the payload's hash off the event loop too.
             def decode_and_add() -> list[Receipt] | None:
-                tensors = self._checked_tensors(header, payload, payload_sha256)
+                tensors = self._checked_tensors(header, payload, payload_digest)
                 return self._timed_add(self._make_contribution(header, tensors))
 
             return await self._add(header, delivery, decode_and_add)
-        tensors = await asyncio.to_thread(self._checked_tensors, header, payload, payload_sha256)
+        tensors = await asyncio.to_thread(self._checked_tensors, header, payload, payload_digest)
         contribution = await self._contribution(header, tensors)
         if self._sink is not None:
             await self._sink(header, delivery, contribution)
@@ -384,10 +384,10 @@ class Aggregator:
         return self.strategy.needs_base_model or header.kind == "weights"
 
     def _checked_tensors(
-        self, header: UpdateHeader, payload: ByteBuffer, payload_sha256: str | None
+        self, header: UpdateHeader, payload: ByteBuffer, payload_digest: str | None
     ) -> Model:
-        """Check the payload's size and hash, then decode and validate it (in a thread)."""
-        check_payload(header, payload, payload_sha256)
+        """Check the payload's size and digest, then decode and validate it (in a thread)."""
+        check_payload(header, payload, payload_digest)
         return decode_validated(
             payload, self.config.model_schema, header.codec, partial=header.keys == "partial"
         )
@@ -442,23 +442,25 @@ class Aggregator:
         return False
 
     async def _blob(self, header: UpdateHeader) -> tuple[ByteBuffer, str]:
-        """Fetch an update's claim-check blob and its sha256, hashed as it arrived."""
+        """Fetch an update's claim-check blob and its digest (in the header's algorithm),
+        hashed as it arrived."""
         spare, self._spare_blob = self._spare_blob, None
+        algorithm, _ = header.payload_digest
 
         async def fetch() -> tuple[ByteBuffer | None, str]:
             # A fresh digest per attempt: a retried read starts from the first byte.
-            digest = hashlib.sha256()
+            digest = running_hash(algorithm, header.payload_bytes)
             blob = await self.store.get_blob(header.device_id, header.update_id, spare, digest)
             return blob, digest.hexdigest()
 
-        blob, sha256 = await self._retry(fetch)
+        blob, blob_digest = await self._retry(fetch)
         if blob is not spare:
             # Not used (another length, or a value small enough for one GET): keep it.
             self._spare_blob = spare
         if blob is None:
             raise Rejection(RejectReason.BLOB_MISSING, f"no claim-check blob {header.update_id}")
         self.metrics.received_bytes.inc(len(blob))
-        return blob, sha256
+        return blob, blob_digest
 
     def _keep_spare_blob(self, blob: ByteBuffer) -> None:
         """Keep a folded payload's buffer for the next one, unless a tensor still uses it

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from schemas import JobConfig, Rejection, RejectReason, UpdateHeader
-from schemas.codec import sha256_hex
+from schemas.digests import payload_hex
 from schemas.safetensors_format import ByteBuffer
 from schemas.signing import verify
 from schemas.wire import UPDATE_HEADER
@@ -77,16 +77,18 @@ def check_sizes(header: UpdateHeader, body: bytes, config: JobConfig) -> None:
         )
 
 
-def check_payload(header: UpdateHeader, payload: ByteBuffer, sha256: str | None = None) -> None:
-    """Check the payload (inline body or fetched blob) against the header's size and hash;
-    `sha256` is the payload's, if it was hashed already (as it arrived)."""
+def check_payload(header: UpdateHeader, payload: ByteBuffer, digest: str | None = None) -> None:
+    """Check the payload (inline body or fetched blob) against the header's size and digest;
+    `digest` is the payload's (in the header's algorithm), if it was hashed as it arrived."""
     if len(payload) != header.payload_bytes:
         raise Rejection(
             RejectReason.SIZE_MISMATCH,
             f"payload has {len(payload)} bytes, header says {header.payload_bytes}",
         )
-    if (sha256 if sha256 is not None else sha256_hex(payload)) != header.payload_sha256:
-        raise Rejection(RejectReason.HASH_MISMATCH, "payload sha256 differs from the header's")
+    algorithm, expected = header.payload_digest
+    if (digest if digest is not None else payload_hex(algorithm, payload)) != expected:
+        detail = f"payload {algorithm} differs from the header's"
+        raise Rejection(RejectReason.HASH_MISMATCH, detail)
 
 
 def check_signed(header: UpdateHeader) -> None:

@@ -29,6 +29,7 @@ from infra.amqp_broker import AmqpBroker
 from infra.redis_store import RedisModelStore
 from schemas import JobConfig, StalenessConfig, StrategyConfig, UpdateHeader, VersionMeta
 from schemas.codec import encode, schema_of, sha256_hex
+from schemas.digests import blake3_hex
 
 AMQP_URL = os.environ.get("FEDQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("FEDQ_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -113,9 +114,10 @@ async def bench_job(
 
 
 def update_header(
-    config: JobConfig, payload: bytes, sha256: str, base_version: int
+    config: JobConfig, payload: bytes, blake3: str, base_version: int
 ) -> UpdateHeader:
-    """Describe a pre-encoded delta payload as a fresh update (new id, now)."""
+    """Describe a pre-encoded delta payload (whose BLAKE3 digest is `blake3`) as a fresh
+    update (new id, now), as an agent does."""
     return UpdateHeader(
         job=config.job,
         update_id=str(uuid.uuid4()),
@@ -125,7 +127,7 @@ def update_header(
         kind="delta",
         codec="none",
         payload="blob" if len(payload) > config.inline_limit_bytes else "inline",
-        payload_sha256=sha256,
+        payload_blake3=blake3,
         payload_bytes=len(payload),
         sent_at=time.time(),
     )
@@ -135,13 +137,14 @@ async def publish_updates(
     bench: BenchJob, payload: bytes, count: int, concurrency: int, base_version: int = 0
 ) -> list[str]:
     """Send `count` copies of a delta as distinct updates, `concurrency` publishers at once."""
-    sha256 = sha256_hex(payload)
+    # Hashed once: the aggregator's work is measured, not the publishers'.
+    digest = blake3_hex(payload)
     ids: list[str] = []
     remaining = iter(range(count))
 
     async def publisher() -> None:
         for _ in remaining:
-            header = update_header(bench.config, payload, sha256, base_version)
+            header = update_header(bench.config, payload, digest, base_version)
             ids.append(header.update_id)
             await send_update(bench.broker, bench.store, bench.config, header, payload)
 

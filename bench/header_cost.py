@@ -42,7 +42,7 @@ def sample_header() -> UpdateHeader:
         device_id="bench-device-3",
         base_version=41,
         num_samples=320,
-        payload_sha256="ab" * 32,
+        payload_blake3="ab" * 32,
         payload_bytes=BODY_BYTES,
         train_metrics={"loss": 0.4321, "accuracy": 0.8765},
         sent_at=time.time(),

@@ -48,7 +48,8 @@ from bench.harness import (
 )
 from bench.measure import Summary, median, ratio
 from device_agent.sender import send_update
-from schemas.codec import encode, sha256_hex
+from schemas.codec import encode
+from schemas.digests import blake3_hex
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 300.0
@@ -119,12 +120,12 @@ async def pipeline_seconds(size: int, updates: int, workdir: Path) -> tuple[list
     async with bench_job("large", model, strategy, keep_versions=2) as bench:
         del model
         payload = encode(synthetic_model(size, seed=1))
-        sha256 = sha256_hex(payload)
+        digest = blake3_hex(payload)
         seconds: list[float] = []
         store = bench.store
         async with aggregator_process(bench, workdir / f"{bench.job}.log") as peak:
             for base_version in range(updates):
-                header = update_header(bench.config, payload, sha256, base_version=base_version)
+                header = update_header(bench.config, payload, digest, base_version=base_version)
                 started = time.perf_counter()
                 await send_update(bench.broker, store, bench.config, header, payload)
                 version = await store.wait_for_version(after=base_version, timeout=RUN_TIMEOUT)

@@ -41,7 +41,8 @@ from bench.harness import (
 from bench.measure import Summary, WindowStats, median, ratio, window_stats
 from device_agent.sender import send_update
 from infra.amqp_broker import AmqpBroker
-from schemas.codec import encode, sha256_hex
+from schemas.codec import encode
+from schemas.digests import blake3_hex
 
 BUFFER_SIZE = 10
 TINY_BYTES = 4_000
@@ -149,7 +150,7 @@ async def fedq_stats(args: argparse.Namespace, seconds: float) -> WindowStats:
     """Run the agents against an aggregator and return the window's figures."""
     model = synthetic_model(TINY_BYTES, tensors=2)
     payload = encode(synthetic_model(TINY_BYTES, tensors=2, seed=1))
-    sha256 = sha256_hex(payload)
+    digest = blake3_hex(payload)
     async with (
         bench_job("scale", model, fedbuff(BUFFER_SIZE, MAX_STALENESS)) as bench,
         broker_pool(args.connections, bench.job) as brokers,
@@ -159,7 +160,7 @@ async def fedq_stats(args: argparse.Namespace, seconds: float) -> WindowStats:
         watching = asyncio.create_task(watcher.run())
 
         async def send(index: int) -> float:
-            header = update_header(bench.config, payload, sha256, watcher.version)
+            header = update_header(bench.config, payload, digest, watcher.version)
             included: asyncio.Future[float] = asyncio.get_running_loop().create_future()
             watcher.waiting[header.update_id] = included
             broker = brokers[index % len(brokers)]

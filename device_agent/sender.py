@@ -10,7 +10,8 @@ import torch
 
 from infra.protocols import Broker, ModelStore
 from schemas import JobConfig, UpdateHeader
-from schemas.codec import encode_buffer, sha256_hex
+from schemas.codec import encode_buffer
+from schemas.digests import blake3_hex
 from schemas.messages import Codec, UpdateKeys
 from schemas.safetensors_format import ByteBuffer
 from schemas.signing import sign
@@ -30,7 +31,7 @@ def build_update(
 ) -> tuple[UpdateHeader, ByteBuffer]:
     """Encode a delta and describe it in a header, signed with `signing_key` if given.
 
-    The update id is minted here, once; the signature covers the payload through its hash.
+    The update id is minted here, once; the signature covers the payload through its digest.
     `keys="partial"` says the delta holds only some of the model's keys (its trainable ones).
     """
     payload = encode_buffer(delta, codec)
@@ -44,7 +45,7 @@ def build_update(
         keys=keys,
         codec=codec,
         payload="blob" if len(payload) > config.inline_limit_bytes else "inline",
-        payload_sha256=sha256_hex(payload),
+        payload_blake3=blake3_hex(payload),
         payload_bytes=len(payload),
         train_metrics=dict(train_metrics),
         sent_at=time.time(),

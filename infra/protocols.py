@@ -19,9 +19,9 @@ DETAIL_HEADER = "x-fedq-detail"
 
 
 class Digest(Protocol):
-    """A running hash, such as `hashlib.sha256()`: fed a payload's bytes as they arrive."""
+    """A running hash, such as `blake3.blake3()`: fed a payload's bytes as they arrive."""
 
-    def update(self, data: ByteBuffer | memoryview, /) -> None: ...
+    def update(self, data: ByteBuffer | memoryview, /) -> object: ...
 
 
 class Delivery(Protocol):

@@ -17,7 +17,10 @@ from pydantic import (
     model_validator,
 )
 
-SCHEMA_VERSION = 1
+from schemas.digests import PayloadHash
+
+# 2: the payload's digest is `payload_blake3` (schemas/digests.py); 1 had `payload_sha256`.
+SCHEMA_VERSION = 2
 
 
 def accepted_schema_versions(current: int) -> frozenset[int]:
@@ -49,7 +52,9 @@ UpdateId = Annotated[
         pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
     ),
 ]
+# A 32-byte digest in lowercase hex (SHA-256, or BLAKE3 at its default length).
 Sha256Hex = Annotated[str, Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")]
+Blake3Hex = Sha256Hex
 Version = Annotated[int, Field(ge=0, le=2**53)]
 MetricName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-1e30, le=1e30)]
@@ -96,11 +101,27 @@ class UpdateHeader(_Frozen):
     keys: UpdateKeys = "all"
     codec: Codec = "none"
     payload: PayloadMode = "inline"
-    payload_sha256: Sha256Hex
+    # Exactly one of the two: agents of this release send BLAKE3, those of schema 1 SHA-256.
+    payload_blake3: Blake3Hex | None = None
+    payload_sha256: Sha256Hex | None = None
     payload_bytes: int = Field(ge=0, le=MAX_PAYLOAD_BYTES)
     train_metrics: Metrics = Field(default_factory=dict)
     sent_at: Timestamp
     signature: str | None = Field(default=None, max_length=512)
+
+    @model_validator(mode="after")
+    def _one_payload_digest(self) -> UpdateHeader:
+        if (self.payload_blake3 is None) == (self.payload_sha256 is None):
+            raise ValueError("exactly one of payload_blake3 and payload_sha256 must be given")
+        return self
+
+    @property
+    def payload_digest(self) -> tuple[PayloadHash, str]:
+        """Return the payload's hash algorithm and the hex digest the header records."""
+        if self.payload_blake3 is not None:
+            return "blake3", self.payload_blake3
+        assert self.payload_sha256 is not None  # _one_payload_digest
+        return "sha256", self.payload_sha256
 
 
 class TensorSpec(_Frozen):

@@ -1,8 +1,9 @@
 """Ed25519 signatures over an update header: canonical bytes, sign, verify (pure, no I/O).
 
 The signed bytes are every header field except `signature`, as JSON with sorted keys and no
-whitespace, behind a domain-separation prefix. `payload_sha256` is one of those fields, so
-a valid signature also pins the payload: the aggregator checks the bytes against the hash.
+whitespace, behind a domain-separation prefix. The payload's digest (`payload_blake3`, or
+`payload_sha256` in schema 1) is one of those fields, so a valid signature also pins the
+payload: the aggregator checks the bytes against the digest.
 Keys travel as base64 of their raw 32 bytes (private key files, the Redis registry).
 """
 
@@ -22,6 +23,7 @@ from schemas.messages import UpdateHeader
 DOMAIN = b"fedq-update-signature-v1\n"
 KEY_BYTES = 32
 SIGNATURE_BYTES = 64
+_DIGEST_FIELDS = ("payload_blake3", "payload_sha256")
 
 
 class InvalidKey(ValueError):
@@ -32,9 +34,10 @@ def canonical_bytes(header: UpdateHeader) -> bytes:
     """Return the bytes a device signs: every header field but `signature`, canonically."""
     # `keys` joined the header later: left out while it has its default, so signatures made
     # before it existed still verify (a partial update's `keys` is signed like any field).
-    fields = header.model_dump(
-        mode="json", exclude={"signature"} | ({"keys"} if header.keys == "all" else set())
-    )
+    # Of the two digest fields only the one given is signed, for the same reason.
+    left_out = {"signature"} | ({"keys"} if header.keys == "all" else set())
+    left_out |= {name for name in _DIGEST_FIELDS if getattr(header, name) is None}
+    fields = header.model_dump(mode="json", exclude=left_out)
     # Sorted keys and fixed separators make the bytes independent of field and dict order;
     # ensure_ascii keeps them independent of how a peer's JSON library escapes text.
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

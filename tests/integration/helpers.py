@@ -20,6 +20,7 @@ from infra.protocols import Broker, ModelStore
 from infra.redis_store import RedisModelStore
 from schemas import JobConfig, StrategyConfig, UpdateHeader, VersionMeta
 from schemas.codec import encode, schema_of, sha256_hex
+from schemas.digests import blake3_hex
 from schemas.wire import UPDATE_HEADER, update_fields
 from tests.conftest import AMQP_URL, REDIS_URL
 
@@ -131,7 +132,7 @@ def update(
         device_id=device_id,
         base_version=base_version,
         num_samples=num_samples,
-        payload_sha256=sha256_hex(body),
+        payload_blake3=blake3_hex(body),
         payload_bytes=len(body),
         sent_at=time.time(),
     )

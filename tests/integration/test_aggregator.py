@@ -14,6 +14,7 @@ from aggregator.service import Aggregator, Fenced
 from infra.protocols import ModelStore
 from schemas import StalenessConfig, StrategyConfig, VersionMeta
 from schemas.codec import decode, encode, sha256_hex
+from schemas.digests import blake3_hex
 from tests.integration.helpers import (
     INITIAL,
     Backends,
@@ -132,7 +133,7 @@ def _bad_inputs(job: str) -> dict[str, tuple[tuple[dict, bytes, str], str]]:
         ),
         "pickle": (_with_body(update(job, good), pickled), "malformed_payload"),
         "size_lie": (update(job, good, payload_bytes=3), "size_mismatch"),
-        "hash_lie": (update(job, good, payload_sha256="0" * 64), "hash_mismatch"),
+        "hash_lie": (update(job, good, payload_blake3="0" * 64), "hash_mismatch"),
         "missing_key": (update(job, {"w": torch.zeros(4)}), "wrong_keys"),
         "extra_key": (update(job, {**good, "x": torch.zeros(1)}), "wrong_keys"),
         "renamed_key": (update(job, {"w": torch.zeros(4), "bias": torch.zeros(1)}), "wrong_keys"),
@@ -146,7 +147,7 @@ def _bad_inputs(job: str) -> dict[str, tuple[tuple[dict, bytes, str], str]]:
         "unknown_job": (update(job, good, job="some-other-job"), "unknown_job"),
         "future_base": (update(job, good, base_version=7), "future_base_version"),
         "too_stale": (update(job, good, base_version=0), "too_stale"),
-        "missing_field": (_without(update(job, good), "payload_sha256"), "malformed_header"),
+        "missing_field": (_without(update(job, good), "payload_blake3"), "malformed_header"),
         "bad_uuid": (update(job, good, update_id="1234"), "malformed_header"),
         "blob_missing": (_as_blob(update(job, good)), "blob_missing"),
         "blob_mismatch": (_as_blob(update(job, good)), "hash_mismatch"),
@@ -157,7 +158,7 @@ def _bad_inputs(job: str) -> dict[str, tuple[tuple[dict, bytes, str], str]]:
 def _with_body(built: tuple[dict, bytes, str], body: bytes) -> tuple[dict, bytes, str]:
     headers, _, update_id = built
     return (
-        edit_fields(headers, payload_bytes=len(body), payload_sha256=sha256_hex(body)),
+        edit_fields(headers, payload_bytes=len(body), payload_blake3=blake3_hex(body)),
         body,
         update_id,
     )
@@ -200,6 +201,39 @@ async def test_every_bad_input_is_dead_lettered_with_its_reason(kind: str, job_i
         assert sum((await backends.store.rejection_counts()).values()) == len(cases)
         assert sum(aggregator.stats.rejected.values()) == len(cases)
         assert await backends.broker.queue_depth(job_id) == (0, 0)
+
+
+def _schema_1(built: tuple[dict, bytes, str]) -> tuple[dict, bytes, str]:
+    """The update as an agent of the previous release sent it: its SHA-256, not BLAKE3."""
+    headers, body, update_id = built
+    legacy = edit_fields(
+        headers, drop=("payload_blake3",), schema_version=1, payload_sha256=sha256_hex(body)
+    )
+    return legacy, body, update_id
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_schema_1_updates_are_checked_against_their_sha256(kind: str, job_id: str) -> None:
+    # A rolling upgrade: until every agent runs this release, SHA-256 updates keep arriving,
+    # inline and by claim-check (whose blob the aggregator hashes chunk by chunk as it reads).
+    async with job_backends(kind, job_id, FEDBUFF_2) as backends:
+        # Arrange
+        inline = _schema_1(update(job_id, delta(1.0)))
+        blob = _as_blob(_schema_1(update(job_id, delta(3.0))))
+        forged = _as_blob(_schema_1(update(job_id, delta(5.0), base_version=1)))
+        await _publish(backends, inline)
+        await backends.store.put_blob("dev-0", blob[2], blob[1], 60)
+        await _publish(backends, (blob[0], b"", blob[2]))
+        await backends.store.put_blob("dev-0", forged[2], encode(delta(9.0)), 60)
+        await _publish(backends, (forged[0], b"", forged[2]))
+        # Act
+        await drain(backends)
+        # Assert: the two honest ones folded, the blob that is not what was hashed refused
+        torch.testing.assert_close((await _model(backends, 1))["w"], INITIAL["w"] + 2.0)
+        dead = await backends.broker.drain_dead_letters(job_id)
+        assert [(d.message_id, d.reason, d.detail) for d in dead] == [
+            (forged[2], "hash_mismatch", "payload sha256 differs from the header's")
+        ]
 
 
 @pytest.mark.parametrize("kind", BACKENDS)

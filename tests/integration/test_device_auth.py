@@ -14,7 +14,8 @@ from fedq.jobs import create_job, initial_job
 from infra.memory_broker import MemoryBroker
 from infra.memory_store import MemoryModelStore, MemoryStoreHub
 from schemas import StalenessConfig, StrategyConfig, TrainingConfig, UpdateHeader
-from schemas.codec import decode, encode, sha256_hex
+from schemas.codec import decode, encode
+from schemas.digests import blake3_hex
 from schemas.signing import generate_key_pair, sign
 from schemas.wire import UPDATE_HEADER, update_fields
 from tests.integration.helpers import (
@@ -108,7 +109,7 @@ def _refused(job: str) -> dict[str, tuple[Built, str]]:
             _with_body(
                 signed(update(job, good, device_id="dev-a"), KEY_A),
                 body,
-                payload_sha256=sha256_hex(body),
+                payload_blake3=blake3_hex(body),
             ),
             "bad_signature",
         ),

@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from infra.errors import PublishError
-from schemas import StalenessConfig, StrategyConfig
+from schemas import SCHEMA_VERSION, StalenessConfig, StrategyConfig
 from schemas.codec import encode, sha256_hex
+from schemas.digests import blake3_hex
 from schemas.wire import UPDATE_HEADER
 from tests.integration.helpers import delta, drain, job_backends, update
 
@@ -51,7 +52,7 @@ def _corpus(job: str) -> dict[str, tuple[dict[str, Any], bytes, str]]:
     base = {"job": job}
     return {
         "truncated_body": (
-            _headers(**base, payload_bytes=len(truncated), payload_sha256=sha256_hex(truncated)),
+            _headers(**base, payload_bytes=len(truncated), payload_blake3=blake3_hex(truncated)),
             truncated,
             "malformed_payload",
         ),
@@ -66,7 +67,17 @@ def _corpus(job: str) -> dict[str, tuple[dict[str, Any], bytes, str]]:
         ),
         "absurd_num_samples": (_headers(**base, num_samples=10**15), GOOD, "malformed_header"),
         "negative_payload_bytes": (_headers(**base, payload_bytes=-1), GOOD, "malformed_header"),
-        "future_schema": (_headers(**base, schema_version=2), GOOD, "malformed_header"),
+        "future_schema": (
+            _headers(**base, schema_version=SCHEMA_VERSION + 1),
+            GOOD,
+            "malformed_header",
+        ),
+        # Both digests: which one would be checked?
+        "both_digests": (
+            _headers(**base, payload_sha256=sha256_hex(GOOD)),
+            GOOD,
+            "malformed_header",
+        ),
         "codec_lies": (_headers(**base, codec="fp16"), GOOD, "wrong_dtype"),
         "blob_with_body": (_headers(**base, payload="blob"), GOOD, "unexpected_body"),
         "bool_as_version": (_headers(**base, base_version=True), GOOD, "malformed_header"),
@@ -143,7 +154,7 @@ _field_names = st.sampled_from(
         "kind",
         "codec",
         "payload",
-        "payload_sha256",
+        "payload_blake3",
         "payload_bytes",
         "train_metrics",
         "sent_at",
@@ -156,7 +167,7 @@ _field_names = st.sampled_from(
 def _hostile_message(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
     """A well-formed header with some fields replaced by junk, and a junk or honest body."""
     body = draw(st.binary(max_size=300) | st.just(GOOD))
-    headers = _headers(payload_bytes=len(body), payload_sha256=sha256_hex(body))
+    headers = _headers(payload_bytes=len(body), payload_blake3=blake3_hex(body))
     for name in draw(st.lists(_field_names, max_size=4)):
         headers[name] = draw(_values)
     headers.update(draw(st.dictionaries(st.text(max_size=12), _values, max_size=3)))

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from aggregator.service import Aggregator
-from schemas.codec import encode, sha256_hex
+from schemas.codec import encode
+from schemas.digests import blake3_hex
 from tests.integration.helpers import Backends, job_backends
 from tests.integration.test_hostile_input import STRATEGY, _corpus, _headers
 
@@ -46,17 +47,17 @@ def _big_hostile(job: str, rng: random.Random) -> list[tuple[dict[str, Any], byt
     wrong = encode({"x": torch.zeros(BIG // 4 - 64)})
     return [
         (
-            _headers(job=job, payload_bytes=len(junk), payload_sha256=sha256_hex(junk)),
+            _headers(job=job, payload_bytes=len(junk), payload_blake3=blake3_hex(junk)),
             junk,
             "malformed_payload",
         ),
         (
-            _headers(job=job, payload_bytes=len(wrong), payload_sha256=sha256_hex(wrong)),
+            _headers(job=job, payload_bytes=len(wrong), payload_blake3=blake3_hex(wrong)),
             wrong,
             "wrong_keys",
         ),
         (
-            _headers(job=job, payload_bytes=len(junk), payload_sha256="0" * 64),
+            _headers(job=job, payload_bytes=len(junk), payload_blake3="0" * 64),
             junk,
             "hash_mismatch",
         ),

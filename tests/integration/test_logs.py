@@ -61,7 +61,7 @@ async def test_json_logs_name_the_update_on_every_line_about_it(
     broker = backends.broker
     good_headers, good_body, good_id = update(job_id, delta(0.1), device_id="dev-good")
     bad_headers, bad_body, bad_id = update(
-        job_id, delta(0.1), device_id="dev-bad", payload_sha256="0" * 64
+        job_id, delta(0.1), device_id="dev-bad", payload_blake3="0" * 64
     )
     await broker.publish_raw(job_id, good_body, headers=good_headers, message_id=good_id)
     await broker.publish_raw(job_id, bad_body, headers=bad_headers, message_id=bad_id)

@@ -98,8 +98,8 @@ async def test_aggregator_metrics_count_what_was_published(job_id: str) -> None:
         good += [update(job_id, delta(3.0), base_version=1) for _ in range(2)]
         headers, body, update_id = update(job_id, delta(1.0), base_version=2)
         bad = [
-            update(job_id, delta(1.0), base_version=2, payload_sha256="0" * 64),
-            update(job_id, delta(1.0), base_version=2, payload_sha256="1" * 64),
+            update(job_id, delta(1.0), base_version=2, payload_blake3="0" * 64),
+            update(job_id, delta(1.0), base_version=2, payload_blake3="1" * 64),
             (edit_fields(headers, drop=("device_id",)), body, update_id),
             update(job_id, delta(1.0), base_version=0),
         ]

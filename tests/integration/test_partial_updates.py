@@ -19,7 +19,8 @@ from fedq.jobs import create_job, initial_job
 from infra.amqp_broker import AmqpBroker
 from infra.redis_store import RedisModelStore
 from schemas import StrategyConfig, TrainingConfig
-from schemas.codec import decode, sha256_hex
+from schemas.codec import decode
+from schemas.digests import blake3_hex
 from schemas.messages import StalenessConfig
 from tests.conftest import AMQP_URL, REDIS_URL
 from tests.integration.helpers import INITIAL, delta, job_backends, update
@@ -81,7 +82,7 @@ def _foreign_dtype(job: str) -> tuple[dict, bytes, str]:
     """
     body = st_save({"w": torch.ones(4, dtype=torch.int16), "b": torch.ones(1)})
     headers, _, update_id = update(
-        job, INITIAL, payload_sha256=sha256_hex(body), payload_bytes=len(body)
+        job, INITIAL, payload_blake3=blake3_hex(body), payload_bytes=len(body)
     )
     return headers, body, update_id
 

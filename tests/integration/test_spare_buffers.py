@@ -20,7 +20,8 @@ from infra.protocols import Delivery, Digest, ModelStore
 from infra.redis_store import RedisModelStore
 from infra.redis_values import ValueIO
 from schemas import StalenessConfig, StrategyConfig, UpdateHeader, VersionMeta
-from schemas.codec import decode, encode, sha256_hex
+from schemas.codec import decode, encode
+from schemas.digests import blake3_hex
 from schemas.safetensors_format import ByteBuffer
 from tests.integration.helpers import INITIAL, Backends, delta, drain, job_backends
 
@@ -76,7 +77,7 @@ async def _send_blobs(backends: Backends, store: ModelStore, values: Sequence[fl
             base_version=0,
             num_samples=1,
             payload="blob",
-            payload_sha256=sha256_hex(payload),
+            payload_blake3=blake3_hex(payload),
             payload_bytes=len(payload),
             sent_at=time.time(),
         )

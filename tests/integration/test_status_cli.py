@@ -58,7 +58,7 @@ async def test_status_shows_rate_consumers_dead_letters_and_devices(
     # version 0 (staleness 1); one update with a lying hash
     for device in ("dev-a", "dev-b", "dev-a"):
         await _publish(backends, update(job_id, delta(0.1), device_id=device))
-    await _publish(backends, update(job_id, delta(0.1), payload_sha256="0" * 64))
+    await _publish(backends, update(job_id, delta(0.1), payload_blake3="0" * 64))
     await _publish(backends, update(job_id, delta(0.1), device_id="dev-a"))
     async with Aggregator(job=job_id, broker=backends.broker, store=backends.store) as agg:
         running = asyncio.create_task(agg.run())

@@ -11,7 +11,7 @@ from safetensors.torch import save
 
 from aggregator.service import Aggregator
 from schemas import Rejection, RejectReason, StalenessConfig, StrategyConfig, UpdateHeader
-from schemas.codec import decode, decode_validated, encode, schema_of, sha256_hex
+from schemas.codec import decode, decode_validated, encode, schema_of
 from schemas.compression import (
     IDX,
     SCALE,
@@ -22,6 +22,7 @@ from schemas.compression import (
     round_trip,
     topk_count,
 )
+from schemas.digests import blake3_hex
 from tests.integration.helpers import INITIAL, edit_fields, job_backends, update
 
 pytestmark = pytest.mark.unit
@@ -264,7 +265,7 @@ async def test_aggregator_folds_an_int8_update(job_id: str) -> None:
         headers, _, update_id = update(job_id, delta)
         body = encode(delta, "int8")
         headers = edit_fields(
-            headers, codec="int8", payload_sha256=sha256_hex(body), payload_bytes=len(body)
+            headers, codec="int8", payload_blake3=blake3_hex(body), payload_bytes=len(body)
         )
         await backends.broker.publish_raw(job_id, body, headers=headers, message_id=update_id)
         # Act

@@ -33,7 +33,7 @@ def _header(**overrides: Any) -> UpdateHeader:
         "device_id": "dev-0",
         "base_version": 3,
         "num_samples": 10,
-        "payload_sha256": "ab" * 32,
+        "payload_blake3": "ab" * 32,
         "payload_bytes": 120,
         "train_metrics": {"loss": 0.25, "accuracy": 0.5},
         "sent_at": 1_700_000_000.125,
@@ -55,7 +55,18 @@ def test_canonical_bytes_are_sorted_compact_json_without_the_signature() -> None
     fields = json.loads(text)
     assert "signature" not in fields
     assert list(fields) == sorted(fields)
+    assert fields["payload_blake3"] == "ab" * 32
+    assert "payload_sha256" not in fields
+
+
+def test_a_schema_1_header_signs_its_sha256_as_before() -> None:
+    # Signatures made by agents of the previous release (SHA-256 digests) still verify: the
+    # digest field a header does not use is left out of the signed bytes, not signed as null.
+    legacy = _header(schema_version=1, payload_blake3=None, payload_sha256="ab" * 32)
+    fields = json.loads(canonical_bytes(legacy).removeprefix(DOMAIN))
     assert fields["payload_sha256"] == "ab" * 32
+    assert "payload_blake3" not in fields
+    assert verify(sign(legacy, PRIVATE), PUBLIC)
 
 
 def test_canonical_bytes_do_not_depend_on_metric_order() -> None:
@@ -89,6 +100,7 @@ TAMPERED: dict[str, Any] = {
     "keys": "partial",
     "codec": "fp16",
     "payload": "blob",
+    "payload_blake3": "cd" * 32,
     "payload_sha256": "cd" * 32,
     "payload_bytes": 121,
     "train_metrics": {"loss": 0.0, "accuracy": 0.5},

@@ -12,6 +12,7 @@ import pytest
 from aggregator.validation import check_payload, check_sizes, parse_header
 from schemas import JobConfig, Rejection, RejectReason, TensorSpec
 from schemas.codec import sha256_hex
+from schemas.digests import blake3_hex, payload_hex
 from schemas.wire import UPDATE_HEADER, update_fields, update_headers, with_fields
 
 pytestmark = pytest.mark.unit
@@ -21,7 +22,7 @@ BODY = b"0123456789"
 
 def _headers(**changes: Any) -> dict[str, Any]:
     headers: dict[str, Any] = {
-        "schema_version": 1,
+        "schema_version": 2,
         "job": JOB,
         "update_id": str(uuid.uuid4()),
         "device_id": "dev-1",
@@ -30,7 +31,7 @@ def _headers(**changes: Any) -> dict[str, Any]:
         "kind": "delta",
         "codec": "none",
         "payload": "inline",
-        "payload_sha256": sha256_hex(BODY),
+        "payload_blake3": blake3_hex(BODY),
         "payload_bytes": len(BODY),
         "train_metrics": {"loss": 0.5},
         "sent_at": time.time(),
@@ -75,6 +76,10 @@ BAD_FIELDS: list[tuple[dict[str, Any], RejectReason]] = [
     ({"device_id": b"\xff\xfe"}, RejectReason.MALFORMED_HEADER),
     ({"train_metrics": {"loss": float("nan")}}, RejectReason.MALFORMED_HEADER),
     ({"unexpected": "field"}, RejectReason.MALFORMED_HEADER),
+    ({"payload_blake3": "AB" * 32}, RejectReason.MALFORMED_HEADER),
+    ({"payload_blake3": "ab" * 31}, RejectReason.MALFORMED_HEADER),
+    # Exactly one digest: not both (which one would be checked?), not neither.
+    ({"payload_sha256": sha256_hex(BODY)}, RejectReason.MALFORMED_HEADER),
     ({"job": "another-job"}, RejectReason.UNKNOWN_JOB),
 ]
 # The same that a JSON document can carry (not the byte strings of the per-field form).
@@ -142,7 +147,7 @@ def test_update_fields_reads_either_form_and_junk_as_nothing() -> None:
 
 def test_missing_field_is_malformed() -> None:
     raw = _headers()
-    del raw["payload_sha256"]
+    del raw["payload_blake3"]
     with pytest.raises(Rejection) as caught:
         parse_header(raw, JOB)
     assert caught.value.reason == RejectReason.MALFORMED_HEADER
@@ -170,24 +175,37 @@ def test_size_checks(changes: dict[str, Any], body: bytes, reason: RejectReason)
     assert caught.value.reason == reason
 
 
-def test_hash_mismatch() -> None:
-    header = parse_header(_headers(), JOB)
+# Agents of this release send BLAKE3 (schema 2); those of the one before, SHA-256 (schema 1).
+DIGESTS = {
+    "blake3": {},
+    "sha256": {"schema_version": 1, "payload_blake3": None, "payload_sha256": sha256_hex(BODY)},
+}
+
+
+@pytest.mark.parametrize("algorithm", DIGESTS)
+def test_hash_mismatch(algorithm: str) -> None:
+    header = parse_header(_headers(**DIGESTS[algorithm]), JOB)
     with pytest.raises(Rejection) as caught:
         check_payload(header, b"9876543210")
     assert caught.value.reason == RejectReason.HASH_MISMATCH
+    assert caught.value.detail == f"payload {algorithm} differs from the header's"
 
 
-def test_a_hash_taken_as_the_payload_arrived_is_the_one_checked() -> None:
-    # The aggregator hashes a claim-check blob while reading it and hands the hash over.
-    header = parse_header(_headers(), JOB)
-    check_payload(header, BODY, sha256_hex(BODY))
+@pytest.mark.parametrize("algorithm", DIGESTS)
+def test_a_hash_taken_as_the_payload_arrived_is_the_one_checked(algorithm: str) -> None:
+    # The aggregator hashes a claim-check blob while reading it and hands the digest over.
+    header = parse_header(_headers(**DIGESTS[algorithm]), JOB)
+    digest = payload_hex(header.payload_digest[0], BODY)
+    check_payload(header, BODY, digest)
     with pytest.raises(Rejection) as caught:
-        check_payload(header, BODY, sha256_hex(b"what actually arrived"))
+        check_payload(header, BODY, payload_hex(header.payload_digest[0], b"what arrived"))
     assert caught.value.reason == RejectReason.HASH_MISMATCH
 
 
-def test_good_payload_passes_every_check() -> None:
-    header = parse_header(_headers(), JOB)
+@pytest.mark.parametrize("algorithm", DIGESTS)
+def test_good_payload_passes_every_check(algorithm: str) -> None:
+    header = parse_header(_headers(**DIGESTS[algorithm]), JOB)
+    assert header.payload_digest[0] == algorithm
     check_sizes(header, BODY, _config())
     check_payload(header, BODY)
 
