@@ -61,7 +61,7 @@ def _from_fields(fields: Mapping[str, Any]) -> UpdateHeader:
         raise Rejection(RejectReason.MALFORMED_HEADER, _short(exc)) from None
 
 
-def check_sizes(header: UpdateHeader, body: bytes, config: JobConfig) -> None:
+def check_sizes(header: UpdateHeader, body: ByteBuffer, config: JobConfig) -> None:
     """Refuse an update whose declared size is over the job's limit or disagrees with the body."""
     if header.payload_bytes > config.max_update_bytes:
         raise Rejection(

@@ -31,6 +31,7 @@ from pamqp.commands import Basic
 
 from infra import keys
 from infra.amqp_acks import ChannelAcks
+from infra.amqp_body import read_bodies_into_bytearrays
 from infra.errors import (
     AccessDenied,
     BackendUnavailable,
@@ -40,6 +41,7 @@ from infra.errors import (
 )
 from infra.protocols import DETAIL_HEADER, REASON_HEADER, DeadLetter, Delivery
 from schemas import UpdateHeader
+from schemas.safetensors_format import ByteBuffer
 from schemas.wire import update_headers
 
 log = logging.getLogger(__name__)
@@ -636,7 +638,8 @@ class AmqpDelivery:
         return self._properties.headers or {}
 
     @property
-    def body(self) -> bytes:
+    def body(self) -> ByteBuffer:
+        # A bytearray (infra/amqp_body.py), which the aggregator decodes in place.
         return self._message.body
 
     @property
@@ -762,6 +765,7 @@ class AmqpConsumer:
             raise JobNotFound(f"job {self._job!r} has no queue {name}") from exc
         # On the aiormq channel itself, to skip aio-pika's per-delivery message and task.
         underlay = await channel.get_underlay_channel()
+        read_bodies_into_bytearrays(underlay)
         underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
         # Before consuming: a delivery may come before basic_consume returns.
         self._acks = ChannelAcks(underlay)
