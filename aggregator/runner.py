@@ -11,20 +11,36 @@ from aggregator.edge_runner import serve_edge
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import Aggregator, AggregatorStats
 from infra.connect import MemoryBackends, open_broker, open_store
+from infra.errors import BackendUnavailable, JobNotFound
 from infra.health import backend_problems, health_server
 from infra.lifecycle import stop_on_signals
 from infra.settings import AggregatorSettings
+from schemas.codec import schema_nbytes
 
 log = logging.getLogger(__name__)
+# Under this model size torch's intra-op threads cost more than they save: every parallel
+# region wakes the other threads and parks them again (futex round trips, 10% of the
+# aggregator's CPU in `perf` at 1 MB) for tensors too small to share. Drains on 2 cores
+# (`ingest-drain`, two alternating pairs): 1 MB updates 363-371 -> 425-432 updates/s with one
+# thread, 10 MB 57.5-61.0 -> 51.7-56.1 (so from some size on, torch's default is kept).
+SMALL_MODEL_BYTES = 4 * 2**20
+
+
+def torch_threads_for(model_bytes: int, configured: int | None) -> int | None:
+    """Return the intra-op threads to set for a model of `model_bytes`: the configured count
+    if any, one for a small model, else None (torch's default, one per core)."""
+    if configured is not None:
+        return configured
+    return 1 if model_bytes < SMALL_MODEL_BYTES else None
 
 
 async def serve(
     settings: AggregatorSettings, memory: MemoryBackends | None = None
 ) -> AggregatorStats:
     """Run one aggregator for `settings.job` until SIGTERM/SIGINT, fencing, or idle drain."""
-    if memory is None and settings.torch_threads is not None:
+    if memory is None:
         # A service owns its process (in-process runs share theirs and set it themselves).
-        torch.set_num_threads(settings.torch_threads)
+        await _set_torch_threads(settings)
     if settings.upstream is not None:
         # Edge mode: this job's updates go upstream in partial updates; nothing commits here.
         return await serve_edge(settings, memory)
@@ -63,3 +79,20 @@ async def serve(
         stats.versions,
     )
     return stats
+
+
+async def _set_torch_threads(settings: AggregatorSettings) -> None:
+    """Set torch's threads for this process before any worker thread starts (a thread keeps
+    the count it started with): FEDQ_TORCH_THREADS, or one for a small model."""
+    model_bytes = SMALL_MODEL_BYTES  # unknown: torch's default
+    if settings.torch_threads is None:
+        store = open_store(settings, settings.job, None)
+        try:
+            model_bytes = schema_nbytes((await store.get_config()).model_schema)
+        except (JobNotFound, BackendUnavailable):
+            pass  # the aggregator reports either itself a moment later
+        finally:
+            await store.close()
+    threads = torch_threads_for(model_bytes, settings.torch_threads)
+    if threads is not None:
+        torch.set_num_threads(threads)

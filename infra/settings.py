@@ -46,10 +46,9 @@ class AggregatorSettings(ConnectionSettings):
     device_key_file: Path | None = None
     # Edge mode: forward a group that has waited this long even if it has fewer than K.
     edge_flush_seconds: float = Field(default=10.0, gt=0)
-    # torch's intra-op threads for decoding, folding and encoding; None: torch's default
-    # (one per core). Measured on 2 cores: 1 thread made a 500 MB update 25% slower
-    # (bench/large.py) and changed nothing at 1 MB, so fewer only pays where the aggregator
-    # shares a small host with the broker or other busy processes.
+    # torch's intra-op threads for decoding, folding and encoding; None: one for a model
+    # under 4 MiB (aggregator/runner.py: 1 MB updates drain 15% faster), else torch's
+    # default (one per core: on 2 cores, 1 thread made a 500 MB update 25% slower).
     torch_threads: int | None = Field(default=None, ge=1, le=1024)
     log_level: str = "INFO"
     # FEDQ_LOG_FORMAT: `text` (readable) or `json` (one object per line, for log pipelines).

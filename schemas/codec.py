@@ -9,6 +9,7 @@ it cannot execute anything. NEVER replace it with torch.load, not even with weig
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 
 import torch
@@ -53,6 +54,13 @@ def schema_of(tensors: Tensors) -> dict[str, TensorSpec]:
         name: TensorSpec(shape=tuple(t.shape), dtype=dtype_name(t.dtype))  # type: ignore[arg-type]
         for name, t in tensors.items()
     }
+
+
+def schema_nbytes(schema: Mapping[str, TensorSpec]) -> int:
+    """Return the bytes a model of `schema` holds in memory (its tensors' data)."""
+    return sum(
+        math.prod(spec.shape) * _dtype_from_name(spec.dtype).itemsize for spec in schema.values()
+    )
 
 
 def sha256_hex(data: ByteBuffer | memoryview) -> str:
