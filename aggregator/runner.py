@@ -84,13 +84,13 @@ async def serve(
 async def _set_torch_threads(settings: AggregatorSettings) -> None:
     """Set torch's threads for this process before any worker thread starts (a thread keeps
     the count it started with): FEDQ_TORCH_THREADS, or one for a small model."""
-    model_bytes = SMALL_MODEL_BYTES  # unknown: torch's default
+    model_bytes = SMALL_MODEL_BYTES  # while the size is unknown, torch's default stands
     if settings.torch_threads is None:
         store = open_store(settings, settings.job, None)
         try:
             model_bytes = schema_nbytes((await store.get_config()).model_schema)
         except (JobNotFound, BackendUnavailable):
-            pass  # the aggregator reports either itself a moment later
+            pass  # the aggregator itself reports either a moment later
         finally:
             await store.close()
     threads = torch_threads_for(model_bytes, settings.torch_threads)
