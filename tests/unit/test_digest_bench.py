@@ -1,0 +1,23 @@
+"""bench/digest_speed.py prints a summary line that bench/run_all.py's parser reads back."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.digest_speed import compare
+from bench.measure import parse_summary
+
+pytestmark = pytest.mark.unit
+
+
+def test_the_comparison_is_a_parsable_summary_of_two_positive_rates() -> None:
+    summary = compare(b"\x01" * 1000, repeats=1)
+    assert summary.name == "digest-1KB"
+    assert summary.ratio > 0
+    parsed = parse_summary(summary.line())
+    assert parsed is not None
+    assert (parsed.name, parsed.figure, parsed.baseline) == (
+        summary.name,
+        summary.figure,
+        summary.baseline,
+    )
