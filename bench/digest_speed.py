@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import Summary, human_bytes, median
+from bench.measure import Summary, human_bytes, per_call_seconds
 from schemas.digests import payload_hex
 
 
@@ -36,13 +36,7 @@ def megabytes_per_second(digest: Callable[[], object], size: int, repeats: int) 
     started = time.perf_counter()
     digest()
     calls = max(1, int(0.2 / max(time.perf_counter() - started, 1e-6)))
-    timings = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(calls):
-            digest()
-        timings.append((time.perf_counter() - started) / calls)
-    return size / median(timings) / 1e6
+    return size / per_call_seconds(digest, calls, repeats) / 1e6
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from pamqp.header import ContentHeader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator.validation import parse_header
-from bench.measure import median
+from bench.measure import per_call_seconds
 from infra.amqp_broker import encode_headers
 from schemas import UpdateHeader
 from schemas.wire import update_headers
@@ -64,14 +64,7 @@ def content_frame(headers: dict[str, Any], message_id: str) -> bytes:
 
 def per_call_us(work: Callable[[], object], repeats: int) -> float:
     """Median over five timings of `repeats` calls, in microseconds per call."""
-    work()
-    timings = []
-    for _ in range(5):
-        started = time.perf_counter()
-        for _ in range(repeats):
-            work()
-        timings.append((time.perf_counter() - started) / repeats * 1e6)
-    return median(timings)
+    return per_call_seconds(work, repeats) * 1e6
 
 
 def costs(make: Callable[[], dict[str, Any]], message_id: str, repeats: int) -> dict[str, float]:

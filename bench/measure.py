@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # `name: <figure> vs baseline <figure> = ratio X (goal >= G)`, as every benchmark prints it.
@@ -40,6 +41,19 @@ def percentile(values: Sequence[float], q: float) -> float:
 def median(values: Sequence[float]) -> float:
     """Return the median of repeated measurements."""
     return percentile(values, 50)
+
+
+def per_call_seconds(work: Callable[[], object], calls: int, timings: int = 5) -> float:
+    """Median over `timings` timings of `calls` calls of `work` (after one warm-up call), in
+    seconds per call."""
+    work()
+    spans = []
+    for _ in range(timings):
+        started = time.perf_counter()
+        for _ in range(calls):
+            work()
+        spans.append((time.perf_counter() - started) / calls)
+    return median(spans)
 
 
 def ratio(value: float, baseline: float) -> float:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from schemas import JobConfig, UpdateHeader, VersionMeta
+from schemas.digests import RunningHash
 from schemas.safetensors_format import ByteBuffer
 
 # Header names added to a dead-lettered message (the original headers are kept alongside).
@@ -18,10 +19,8 @@ REASON_HEADER = "x-fedq-reason"
 DETAIL_HEADER = "x-fedq-detail"
 
 
-class Digest(Protocol):
-    """A running hash, such as `blake3.blake3()`: fed a payload's bytes as they arrive."""
-
-    def update(self, data: ByteBuffer | memoryview, /) -> object: ...
+# A running hash (`schemas.digests.running_hash`): stores feed it a blob's bytes as they arrive.
+Digest = RunningHash
 
 
 class Delivery(Protocol):

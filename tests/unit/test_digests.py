@@ -8,7 +8,7 @@ import os
 import blake3
 import pytest
 
-from schemas.digests import PARALLEL_BYTES, blake3_hex, payload_hex, running_hash
+from schemas.digests import PARALLEL_BYTES, PayloadHash, blake3_hex, payload_hex, running_hash
 
 pytestmark = pytest.mark.unit
 
@@ -23,15 +23,15 @@ def test_blake3_is_the_reference_function() -> None:
 
 @pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
 @pytest.mark.parametrize("size", [0, 1000, PARALLEL_BYTES + 4097])
-def test_a_payload_fed_in_pieces_hashes_as_it_does_whole(algorithm: str, size: int) -> None:
+def test_a_payload_fed_in_pieces_hashes_as_it_does_whole(algorithm: PayloadHash, size: int) -> None:
     # The aggregator hashes a claim-check blob chunk by chunk as it arrives (a view of a
     # bytearray each time); the digest must be the agent's, taken of the whole payload.
     payload = bytearray(os.urandom(size))
-    running = running_hash(algorithm, size)  # type: ignore[arg-type]
+    running = running_hash(algorithm, size)
     view = memoryview(payload)
     for start in range(0, size, 3_000_001):
         running.update(view[start : start + 3_000_001])
-    assert running.hexdigest() == payload_hex(algorithm, bytes(payload))  # type: ignore[arg-type]
+    assert running.hexdigest() == payload_hex(algorithm, bytes(payload))
 
 
 def test_big_payloads_hash_on_every_core_with_the_same_result() -> None:
