@@ -128,8 +128,8 @@ def redis_client(url: str, *, wait_for_pool: bool = False, **options: Any) -> ai
         sentinel_options["password"] = target.sentinel_password
     if target.sentinel_username is not None:
         sentinel_options["username"] = target.sentinel_username
-    # redis-py leaves Sentinel's constructor unannotated.
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    # Older redis-py releases leave Sentinel's constructor unannotated; 8.2 annotates it.
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(target.sentinels), sentinel_kwargs=sentinel_options
     )
     client: aioredis.Redis = sentinel.master_for(
