@@ -11,6 +11,7 @@ from typing import Any, cast
 import pytest
 import torch
 
+from aggregator import service
 from aggregator.service import Aggregator
 from infra.protocols import Delivery, ModelStore
 from schemas import StalenessConfig, StrategyConfig
@@ -146,3 +147,90 @@ async def test_a_flag_read_that_a_commit_overtakes_is_not_trusted(kind: str, job
         assert aggregator.stats.duplicates == 1
         assert await backends.store.current_version() == 1
         assert await backends.store.applied_count() == 2
+
+
+class BlobAfterCommit(CountingStore):
+    """Claim-check blobs are handed over only once the held commit has landed, so the batch
+    goes on after its own commit at a known point."""
+
+    aggregator: Aggregator | None = None
+
+    async def get_blob(self, *args: Any, **kwargs: Any) -> Any:
+        """Let the held commit land and be taken as durable, then fetch the blob."""
+        assert self.aggregator is not None
+        self.gate.set()
+        async with asyncio.timeout(5):
+            await self.aggregator.settle_commit()
+        return await self._store.get_blob(*args, **kwargs)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", ["real", "memory"])
+async def test_the_batch_read_stays_valid_across_its_own_commit(kind: str, job_id: str) -> None:
+    async with job_backends(kind, job_id, FEDBUFF_2) as backends:
+        # Arrange: one batch of A, B (-> version 1), C by claim-check (fetched once version 1
+        # has landed) and A again
+        first = update(job_id, delta(1.0))
+        headers, body, blob_id = update(job_id, delta(5.0), payload="blob")
+        await backends.store.put_blob("dev-0", blob_id, body, 60)
+        for built in (first, update(job_id, delta(3.0)), (headers, b"", blob_id), first):
+            await _publish(backends, built)
+        store = BlobAfterCommit(backends.store)
+        async with _aggregator(backends, store, 4) as (aggregator, deliveries):
+            store.aggregator = aggregator
+            # Act
+            await aggregator.handle_batch(deliveries)
+            await aggregator.settle_commit()
+            # Assert: one read for the whole batch, which knew A was applied once its own
+            # commit landed (before, the rest of the batch was read again after the commit)
+            assert store.applied_calls == 1
+            assert aggregator.stats.duplicates == 1
+            assert aggregator.strategy.pending() == [blob_id]
+        assert await backends.store.current_version() == 1
+        assert await backends.store.applied_count() == 2
+        model = await backends.store.get_model(1)
+        assert model is not None
+        torch.testing.assert_close(decode(model)["w"], INITIAL["w"] + 2.0)
+
+
+class _Body:
+    """Stands in for a delivery in the inbox: `_gather_more` only looks at the size."""
+
+    def __init__(self, size: int) -> None:
+        self.body = bytes(size)
+
+
+async def _gathered(
+    backends: Backends, first: list[int], later: list[tuple[float, int]]
+) -> list[int]:
+    """Sizes `_gather_more` takes with deliveries of sizes `first` in hand and `later` ones
+    arriving (seconds from now, size)."""
+    inbox: asyncio.Queue[Any] = asyncio.Queue()
+    items: list[Any] = [_Body(size) for size in first]
+    loop = asyncio.get_running_loop()
+    for delay, size in later:
+        loop.call_later(delay, inbox.put_nowait, _Body(size))
+    async with Aggregator(
+        job=backends.config.job, broker=backends.broker, store=backends.store
+    ) as aggregator:
+        await aggregator._gather_more(inbox, items)
+    return [len(item.body) for item in items]
+
+
+async def test_a_small_batch_waits_for_more_deliveries(
+    job_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "_GATHER_SECONDS", 1.0)
+    async with job_backends("memory", job_id, FEDBUFF_2) as backends:
+        # A buffer of two: one in hand waits for a second, and not for a third
+        assert await _gathered(backends, [10], [(0.01, 20), (0.3, 30)]) == [10, 20]
+        # Two in hand already, or a megabyte: no wait
+        assert await _gathered(backends, [10, 20], [(0.01, 30)]) == [10, 20]
+        assert await _gathered(backends, [2**20], [(0.01, 30)]) == [2**20]
+
+
+async def test_a_small_batch_waits_no_longer_than_the_window(
+    job_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "_GATHER_SECONDS", 0.001)
+    async with job_backends("memory", job_id, FEDBUFF_2) as backends:
+        assert await _gathered(backends, [10], [(0.3, 20)]) == [10]
