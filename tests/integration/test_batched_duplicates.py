@@ -223,9 +223,10 @@ async def test_a_small_batch_waits_for_more_deliveries(
     async with job_backends("memory", job_id, FEDBUFF_2) as backends:
         # A buffer of two: one in hand waits for a second, and not for a third
         assert await _gathered(backends, [10], [(0.01, 20), (0.3, 30)]) == [10, 20]
-        # Two in hand already, or half a megabyte: no wait
+        # Two in hand already, half a megabyte, or a claim-check (no body): no wait
         assert await _gathered(backends, [10, 20], [(0.01, 30)]) == [10, 20]
         assert await _gathered(backends, [2**19], [(0.01, 30)]) == [2**19]
+        assert await _gathered(backends, [0], [(0.01, 30)]) == [0]
 
 
 async def test_a_small_batch_waits_no_longer_than_the_window(
