@@ -42,6 +42,7 @@ _DTYPES: dict[str, torch.dtype] = {
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 _ITEMSIZES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _DTYPES.values()}
 _RANK = {code: rank for rank, code in enumerate(_DTYPES)}
+_ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
 # The package refuses headers over 100 MB; a model schema is capped far lower anyway.
 MAX_HEADER_BYTES = 100_000_000
 _ALIGN = 8
@@ -100,32 +101,37 @@ def serialize(tensors: Mapping[str, torch.Tensor], into: bytearray | None = None
 
 def _entry(name: str, raw: Any, data_len: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
     """Check one header entry; return dtype, shape and the byte range in the data section."""
-    if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
+    if not isinstance(raw, dict) or raw.keys() != _ENTRY_KEYS:
         raise _reject(f"{name!r}: entry must hold exactly dtype, shape, data_offsets")
-    dtype = _DTYPES.get(raw["dtype"]) if isinstance(raw["dtype"], str) else None
+    code = raw["dtype"]
+    dtype = _DTYPES.get(code) if isinstance(code, str) else None
     if dtype is None:
-        raise _reject(f"{name!r}: unsupported dtype {str(raw['dtype'])[:16]!r}")
+        raise _reject(f"{name!r}: unsupported dtype {str(code)[:16]!r}")
     shape, offsets = raw["shape"], raw["data_offsets"]
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape) or len(shape) > 8:
+    if not _are_counts(shape) or len(shape) > 8:
         raise _reject(f"{name!r}: bad shape")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
+    if not _are_counts(offsets) or len(offsets) != 2:
         raise _reject(f"{name!r}: bad data_offsets")
     begin, end = offsets
-    itemsize = _ITEMSIZES[dtype]
-    if not begin <= end <= data_len or end - begin != math.prod(shape) * itemsize:
+    if not begin <= end <= data_len or end - begin != math.prod(shape) * _ITEMSIZES[dtype]:
         raise _reject(f"{name!r}: data_offsets {offsets} do not fit shape {shape}")
     return dtype, tuple(shape), begin, end
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _are_counts(values: Any) -> bool:
+    """A JSON list of non-negative integers (JSON's true is a bool, not a count)."""
+    return isinstance(values, list) and all(type(v) is int and v >= 0 for v in values)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) != len(keys):
+    table = dict(pairs)
+    if len(table) != len(pairs):
         raise _reject("duplicate tensor names")
-    return dict(pairs)
+    return table
+
+
+# Built once: `json.loads` with a hook builds a decoder on every call.
+_HEADER_JSON = json.JSONDecoder(object_pairs_hook=_no_duplicates)
 
 
 def _parse_header(data: memoryview) -> tuple[dict[str, Any], int]:
@@ -137,7 +143,7 @@ def _parse_header(data: memoryview) -> tuple[dict[str, Any], int]:
         raise _reject(f"header length {size} does not fit {len(data)} bytes")
     try:
         text = bytes(data[8 : 8 + size]).decode("utf-8")
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
+        header = _HEADER_JSON.decode(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _reject(f"header is not JSON: {str(exc)[:80]}") from None
     if not text.startswith("{") or not isinstance(header, dict):

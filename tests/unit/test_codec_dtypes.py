@@ -178,6 +178,14 @@ GOOD = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
         (_raw({"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8), "dtype"),
         (_raw({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8), "fit"),
         (_raw({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8), "shape"),
+        (
+            _raw({"w": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, b"\0" * 8),
+            "shape",
+        ),
+        (
+            _raw({"w": {"dtype": "F32", "shape": [2], "data_offsets": [False, 8]}}, b"\0" * 8),
+            "offsets",
+        ),
         (_raw({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}, b"\0" * 8), "offsets"),
         (_raw({"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8), "exactly"),
         (_raw({"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12), "holes"),
