@@ -16,8 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from infra.errors import DeviceExists, JobExists, JobNotFound, VersionConflict
-from infra.protocols import DeviceRecord, DeviceTally, Digest, tallies_from_fields
+from infra.protocols import DeviceRecord, DeviceTally, tallies_from_fields
 from schemas import JobConfig, VersionMeta
+from schemas.digests import RunningHash
 from schemas.safetensors_format import ByteBuffer
 
 
@@ -232,7 +233,7 @@ class MemoryModelStore:
         device_id: str,
         update_id: str,
         into: bytearray | None = None,
-        digest: Digest | None = None,
+        digest: RunningHash | None = None,
     ) -> bytes | None:
         """Return a claim-check payload, or None once it expired or was deleted (`into` is
         not used: the stored bytes are returned as they are; `digest` is fed them)."""

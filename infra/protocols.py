@@ -19,10 +19,6 @@ REASON_HEADER = "x-fedq-reason"
 DETAIL_HEADER = "x-fedq-detail"
 
 
-# A running hash (`schemas.digests.running_hash`): stores feed it a blob's bytes as they arrive.
-Digest = RunningHash
-
-
 class Delivery(Protocol):
     """One update message handed to the aggregator; it must end in exactly one settle call."""
 
@@ -248,7 +244,7 @@ class ModelStore(Protocol):
         device_id: str,
         update_id: str,
         into: bytearray | None = None,
-        digest: Digest | None = None,
+        digest: RunningHash | None = None,
     ) -> ByteBuffer | None:
         """Return a claim-check payload, or None once it expired or was deleted.
 

@@ -31,11 +31,12 @@ from infra.errors import (
     VersionConflict,
 )
 from infra.keys import JobKeys
-from infra.protocols import DeviceRecord, DeviceTally, Digest, tallies_from_fields
+from infra.protocols import DeviceRecord, DeviceTally, tallies_from_fields
 from infra.redis_client import redis_client
 from infra.redis_values import ValueIO
 from infra.stream_follower import START, Mark, StreamFollower, StreamId
 from schemas import JobConfig, VersionMeta
+from schemas.digests import RunningHash
 from schemas.safetensors_format import ByteBuffer
 
 logger = logging.getLogger(__name__)
@@ -498,7 +499,7 @@ class RedisModelStore:
         device_id: str,
         update_id: str,
         into: bytearray | None = None,
-        digest: Digest | None = None,
+        digest: RunningHash | None = None,
     ) -> ByteBuffer | None:
         """Return a claim-check payload, or None once it expired or was deleted; a chunked
         one is read into `into` if its length is right, and hashed into `digest` as it

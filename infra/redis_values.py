@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from infra.protocols import Digest
+from schemas.digests import RunningHash
 from schemas.safetensors_format import ByteBuffer, reuse_or_allocate
 
 # Room for what Redis adds to a value when it allocates it (an sds header and terminator,
@@ -82,7 +82,7 @@ class ValueIO:
         await self.client.rename(temp, key)
 
     async def read(
-        self, key: str, into: bytearray | None = None, digest: Digest | None = None
+        self, key: str, into: bytearray | None = None, digest: RunningHash | None = None
     ) -> ByteBuffer | None:
         """Return the value at `key` (bytes, or a bytearray if chunked), None if absent.
 
@@ -108,7 +108,7 @@ class ValueIO:
         return await self._read_chunks(key, int(size), int(chunk), into, digest)
 
     async def _read_chunks(
-        self, key: str, size: int, chunk: int, into: bytearray | None, digest: Digest | None
+        self, key: str, size: int, chunk: int, into: bytearray | None, digest: RunningHash | None
     ) -> bytearray | None:
         deadline = _Deadline(self.deadline(size))
         out = reuse_or_allocate(into, size)
@@ -138,7 +138,7 @@ class ValueIO:
         return out
 
 
-async def _feed(digest: Digest, data: ByteBuffer | memoryview) -> None:
+async def _feed(digest: RunningHash, data: ByteBuffer | memoryview) -> None:
     """Hash `data` into `digest`, in a worker thread unless it is small."""
     if len(data) < _HASH_IN_THREAD_BYTES:
         digest.update(data)

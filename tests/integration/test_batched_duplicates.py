@@ -43,6 +43,13 @@ class CountingStore:
         await self.gate.wait()
         await self._store.commit(*args)  # type: ignore[attr-defined]
 
+    async def land_commit(self, aggregator: Aggregator | None) -> None:
+        """Open the gate and wait until `aggregator` has taken the held commit as durable."""
+        assert aggregator is not None
+        self.gate.set()
+        async with asyncio.timeout(5):
+            await aggregator.settle_commit()
+
     def __getattr__(self, name: str) -> object:
         return getattr(self._store, name)
 
@@ -118,10 +125,8 @@ class CommitDuringRead(CountingStore):
         """Read the flags; on the second call, let the held commit land before answering."""
         flags = await super().applied(update_ids)
         if self.applied_calls == 2:
+            await self.land_commit(self.aggregator)
             assert self.aggregator is not None
-            self.gate.set()
-            async with asyncio.timeout(5):
-                await self.aggregator.settle_commit()
             assert self.aggregator.version == 1
         return flags
 
@@ -157,10 +162,7 @@ class BlobAfterCommit(CountingStore):
 
     async def get_blob(self, *args: Any, **kwargs: Any) -> Any:
         """Let the held commit land and be taken as durable, then fetch the blob."""
-        assert self.aggregator is not None
-        self.gate.set()
-        async with asyncio.timeout(5):
-            await self.aggregator.settle_commit()
+        await self.land_commit(self.aggregator)
         return await self._store.get_blob(*args, **kwargs)  # type: ignore[attr-defined]
 
 

@@ -16,12 +16,12 @@ import torch
 
 from aggregator.strategies import Contribution
 from device_agent.sender import send_update
-from infra.protocols import Delivery, Digest, ModelStore
+from infra.protocols import Delivery, ModelStore
 from infra.redis_store import RedisModelStore
 from infra.redis_values import ValueIO
 from schemas import StalenessConfig, StrategyConfig, UpdateHeader, VersionMeta
 from schemas.codec import decode, encode
-from schemas.digests import blake3_hex
+from schemas.digests import RunningHash, blake3_hex
 from schemas.safetensors_format import ByteBuffer
 from tests.integration.helpers import INITIAL, Backends, delta, drain, job_backends
 
@@ -50,7 +50,7 @@ class SpyStore:
         device_id: str,
         update_id: str,
         into: bytearray | None = None,
-        digest: Digest | None = None,
+        digest: RunningHash | None = None,
     ) -> ByteBuffer | None:
         """Read the blob, noting the scratch buffer and the result."""
         blob = await self.store.get_blob(device_id, update_id, into, digest)
