@@ -6,11 +6,13 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 import torch
 
+from infra import redis_store
 from infra.errors import (
     BackendUnavailable,
     DeviceExists,
@@ -488,28 +490,64 @@ async def test_deleting_the_job_forgets_its_devices(store: ModelStore) -> None:
     assert await store.device_key("dev-a") is None
 
 
-async def test_a_retried_commit_whose_reply_was_lost_is_not_a_conflict(job_id: str) -> None:
-    # Arrange: the commit script runs twice with the same token, as when the client retries
-    # after losing the reply to a commit that did apply (Redis-only: the memory store has no
-    # replies to lose)
+@pytest.mark.parametrize("elements", [4, INLINE_MODEL_BYTES // 4 + 1], ids=["small", "big"])
+async def test_a_retried_commit_whose_reply_was_lost_is_not_a_conflict(
+    job_id: str, elements: int
+) -> None:
+    # Arrange: the commit runs twice with the same token, as when the client retries after
+    # losing the reply to a commit that did apply (Redis-only: the memory store has no
+    # replies to lose). A small model is SET in the script's pipeline, so the retry writes
+    # its temporary key again; a big one is written before, once.
     store = RedisModelStore.from_url(REDIS_URL, job_id)
     try:
         await create(store)
-        script = store._commit_script
+        if elements == 4:
+            set_and_commit = store._set_and_commit
 
-        async def applied_then_retried(**call: object) -> object:
-            await script(**call)  # applied, but its reply never reaches the client
-            return await script(**call)
+            async def applied_then_retried_pipeline(*call: Any) -> object:
+                await set_and_commit(*call)  # applied, but its reply never reaches the client
+                return await set_and_commit(*call)
 
-        store._commit_script = applied_then_retried  # type: ignore[assignment]
-        model = make_model(1.0)
+            store._set_and_commit = applied_then_retried_pipeline  # type: ignore[method-assign, assignment]
+        else:
+            script = store._commit_script
+
+            async def applied_then_retried(**call: object) -> object:
+                await script(**call)
+                return await script(**call)
+
+            store._commit_script = applied_then_retried  # type: ignore[assignment]
+        model = make_model(1.0, elements)
         meta = make_meta(1, model, contributors=2)
         # Act: must see its own success, not another aggregator's
         await store.commit(0, model, meta)
-        # Assert
+        # Assert: committed once, and the retry's temporary model is not left behind
         assert await store.current_version() == 1
         assert await store.applied(meta.contributors) == [True, True]
         assert await store.get_model(1) == model
+        assert [key for key in await redis_keys(job_id) if ":tmp:" in key] == []
+    finally:
+        await store.delete_job()
+        await store.close()
+
+
+async def test_a_commit_loads_its_script_when_redis_has_lost_it(job_id: str) -> None:
+    # Arrange: a commit script Redis has never seen, as after a restart or SCRIPT FLUSH (not
+    # flushed for real: other jobs share this Redis)
+    store = RedisModelStore.from_url(REDIS_URL, job_id)
+    try:
+        await create(store)
+        unseen = redis_store._COMMIT_LUA + f"\n-- {uuid.uuid4().hex}"
+        store._commit_script = store._client.register_script(unseen)
+        assert await store._client.script_exists(store._commit_script.sha) == [False]
+        model = make_model(1.0)
+        meta = make_meta(1, model, contributors=1)
+        # Act
+        await store.commit(0, model, meta)
+        # Assert
+        assert await store.current_version() == 1
+        assert await store.get_model(1) == model
+        assert await store._client.script_exists(store._commit_script.sha) == [True]
     finally:
         await store.delete_job()
         await store.close()
