@@ -12,6 +12,7 @@ Parsing JSON and slicing buffers cannot execute code, unlike unpickling (schemas
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -89,14 +90,24 @@ def serialize(tensors: Mapping[str, torch.Tensor], into: bytearray | None = None
     out[8 : 8 + len(header)] = header
     position = 8 + len(header)
     view = memoryview(out)
-    for _, t in ordered:
-        size = t.numel() * t.element_size()
-        if size:
-            src = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-            dst = torch.frombuffer(view[position : position + size], dtype=torch.uint8)
-            dst.copy_(src)
-        position += size
+    # One `cat` per dtype, whose tensors lie back to back: a copy per tensor costs more
+    # than the bytes for small ones (200 tensors of 125 floats: 204 against 880 us).
+    with torch.no_grad():
+        for dtype, group in itertools.groupby(ordered, key=lambda item: item[1].dtype):
+            flat = [_flat_cpu(t) for _, t in group]
+            size = sum(t.numel() for t in flat) * _ITEMSIZES[dtype]
+            if size:
+                # Aligned: the header pads to 8 bytes, the dtypes go by descending alignment.
+                dst = torch.frombuffer(view[position : position + size], dtype=dtype)
+                torch.cat(flat, out=dst)
+            position += size
     return out
+
+
+def _flat_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as one dimension on the CPU (run under no_grad: no `detach` needed)."""
+    flat = tensor if tensor.dim() == 1 else tensor.reshape(-1)
+    return flat if flat.is_cpu else flat.cpu()
 
 
 def _entry(name: str, raw: Any, data_len: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
@@ -158,11 +169,23 @@ def deserialize(data: ByteBuffer) -> dict[str, torch.Tensor]:
     The byte ranges must tile the data section exactly (no holes, no overlaps, nothing
     after), as the package requires; anything else is a MALFORMED_PAYLOAD rejection.
     """
+    return deserialize_with_runs(data)[0]
+
+
+def deserialize_with_runs(data: ByteBuffer) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """`deserialize`, and flat tensors whose elements are exactly those of the tensors: one
+    per run of same-dtype tensors that lie back to back, each tensor a view into its run.
+
+    One `frombuffer` and one `split` per run instead of one of each per tensor, and a check
+    over a run (one sum for finiteness) covers all its tensors: 200 tensors of 125 floats
+    took 356 against 519 us to make (timeit, this machine), and models have hundreds.
+    """
     header, start = _parse_header(memoryview(data))
     data_len = len(data) - start
     entries = {name: _entry(name, raw, data_len) for name, raw in header.items()}
+    ordered = sorted(entries.items(), key=lambda item: (item[1][2], item[1][3]))
     covered = 0
-    for _, _, begin, end in sorted(entries.values(), key=lambda e: (e[2], e[3])):
+    for _, (_, _, begin, end) in ordered:
         if begin != covered:
             raise _reject("tensor byte ranges leave holes or overlap")
         covered = end
@@ -172,31 +195,55 @@ def deserialize(data: ByteBuffer) -> dict[str, torch.Tensor]:
     # over), read-only bytes are copied once, as the safetensors package does too.
     buffer = data if isinstance(data, bytearray) else bytearray(data)
     view = memoryview(buffer)
-    return {
-        name: _tensor(name, view, start + begin, start + end, dtype, shape)
-        for name, (dtype, shape, begin, end) in entries.items()
-    }
+    tensors: dict[str, torch.Tensor] = {}
+    runs: list[torch.Tensor] = []
+    run: list[tuple[str, torch.dtype, tuple[int, ...], int, int]] = []
+    for name, (dtype, shape, begin, end) in ordered:
+        if begin == end:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        if run and run[-1][1] != dtype:
+            runs.append(_run_tensors(run, view, start, tensors))
+            run = []
+        run.append((name, dtype, shape, begin, end))
+    if run:
+        runs.append(_run_tensors(run, view, start, tensors))
+    # In the header's order, as the package returns them.
+    return {name: tensors[name] for name in entries}, runs
 
 
-def _tensor(
-    name: str, view: memoryview, begin: int, end: int, dtype: torch.dtype, shape: tuple[int, ...]
+def _run_tensors(
+    run: list[tuple[str, torch.dtype, tuple[int, ...], int, int]],
+    view: memoryview,
+    start: int,
+    into: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    if begin == end:
-        return torch.empty(shape, dtype=dtype)
+    """Make the tensors of one run (same dtype, back to back) views into one flat tensor,
+    put them in `into`, and return the flat tensor."""
+    dtype = run[0][1]
+    begin, end = start + run[0][3], start + run[-1][4]
     # Through a memoryview slice, not the buffer itself: the slice holds an export of the
-    # buffer for as long as the tensor lives, which is what `has_no_views` tests.
+    # buffer for as long as any tensor of the run lives, which is what `has_no_views` tests.
     part = view[begin:end]
     if begin % _ITEMSIZES[dtype]:
-        # A hand-made header may misalign a tensor; a copy is aligned for any kernel.
-        return torch.frombuffer(part, dtype=torch.uint8).clone().view(dtype).reshape(shape)
-    if dtype == torch.bool:
+        # A hand-made header may misalign a run; a copy is aligned for any kernel.
+        flat = torch.frombuffer(part, dtype=torch.uint8).clone().view(dtype)
+    elif dtype == torch.bool:
         raw = torch.frombuffer(part, dtype=torch.uint8)
         if bool((raw > 1).any()):
             # torch reads any nonzero byte as a bool of undefined behaviour: refuse it.
+            name = next(
+                n for n, _, _, b, e in run if bool((raw[b - run[0][3] : e - run[0][3]] > 1).any())
+            )
             raise _reject(f"{name!r}: bool bytes other than 0 and 1")
-        return raw.view(dtype).reshape(shape)
-    tensor = torch.frombuffer(part, dtype=dtype)
-    return tensor if len(shape) == 1 else tensor.reshape(shape)
+        flat = raw.view(dtype)
+    else:
+        flat = torch.frombuffer(part, dtype=dtype)
+    itemsize = _ITEMSIZES[dtype]
+    pieces = flat.split_with_sizes([(end - begin) // itemsize for _, _, _, begin, end in run])
+    for (name, _, shape, _, _), piece in zip(run, pieces, strict=True):
+        into[name] = piece if len(shape) == 1 else piece.view(shape)
+    return flat
 
 
 def reuse_or_allocate(into: bytearray | None, size: int) -> bytearray:

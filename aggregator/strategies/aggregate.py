@@ -75,6 +75,17 @@ def folded_pairs(
     return pairs
 
 
+def add_all_(dst: list[Tensor], src: list[Tensor], alpha: float = 1.0) -> None:
+    """Add `alpha * src[i]` to each `dst[i]` in place, in one call.
+
+    `torch._foreach_add_` (beta; torch.optim's foreach implementations use it) loops in C++:
+    an `add_` per tensor costs more than its arithmetic for small tensors (200 tensors of
+    125 floats: 93 against 270 us), and models have hundreds of tensors.
+    """
+    if dst:
+        torch._foreach_add_(dst, src, alpha=alpha)
+
+
 def zeros_like(model: Tensors) -> dict[str, Tensor]:
     """Return zeros for every floating entry of `model`, in its accumulation dtype."""
     return {
@@ -88,16 +99,16 @@ def accumulate_(
     acc: MutableMapping[str, Tensor], delta: Tensors, weight: float, *, partial: bool = False
 ) -> None:
     """Add `weight * delta` to `acc` in place."""
-    for _, a, d in folded_pairs(acc, delta, partial=partial):
-        a.add_(d, alpha=weight)
+    pairs = folded_pairs(acc, delta, partial=partial)
+    add_all_([a for _, a, _ in pairs], [d for _, _, d in pairs], weight)
 
 
 def apply_delta_(
     model: MutableMapping[str, Tensor], delta: Tensors, scale: float = 1.0, *, partial: bool = False
 ) -> None:
     """Add `scale * delta` to the floating entries of `model` in place."""
-    for _, m, d in folded_pairs(model, delta, partial=partial):
-        m.add_(d, alpha=scale)
+    pairs = folded_pairs(model, delta, partial=partial)
+    add_all_([m for _, m, _ in pairs], [d for _, _, d in pairs], scale)
 
 
 def mix_(

@@ -13,7 +13,12 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from aggregator.strategies.aggregate import accumulation_dtype, check_carried, folded_pairs
+from aggregator.strategies.aggregate import (
+    accumulation_dtype,
+    add_all_,
+    check_carried,
+    folded_pairs,
+)
 from aggregator.strategies.staleness import within_max_staleness
 from schemas.errors import RejectReason
 
@@ -155,6 +160,8 @@ class WeightedBuffer(ReceiptLedger):
         # All keys and shapes are checked here, before any sum is touched.
         pairs = folded_pairs(model, contribution.delta, partial=contribution.partial)
         alpha = weight * factor
+        sums: list[Tensor] = []
+        deltas: list[Tensor] = []
         for name, m, d in pairs:
             acc = self._sum.get(name)
             if acc is None:
@@ -162,8 +169,10 @@ class WeightedBuffer(ReceiptLedger):
                 # alpha * delta itself: a zero-filled sum would cost one more pass over memory.
                 self._sum[name] = self._scaled(name, d, accumulation_dtype(m.dtype), alpha)
             else:
-                acc.add_(d, alpha=alpha)
+                sums.append(acc)
+                deltas.append(d)
             self._weight[name] = self._weight.get(name, 0.0) + weight
+        add_all_(sums, deltas, alpha)
         self._record(contribution.receipt)
 
     def _scaled(self, name: str, delta: Tensor, dtype: torch.dtype, alpha: float) -> Tensor:
@@ -183,9 +192,9 @@ class WeightedBuffer(ReceiptLedger):
         if not len(self):
             raise ValueError("the buffer is empty")
         mean = self._sum
-        # The sums are ours and dropped right after, so dividing in place saves a model copy.
-        for name, acc in mean.items():
-            acc.mul_(1.0 / self._weight[name])
+        # The sums are ours and dropped right after, so dividing in place saves a model copy;
+        # one call for all keys, as in `add`.
+        torch._foreach_mul_(list(mean.values()), [1.0 / self._weight[name] for name in mean])
         receipts = self._forget_receipts()
         self.clear()
         self._spare = mean

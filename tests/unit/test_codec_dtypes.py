@@ -243,3 +243,76 @@ def test_all_finite_is_exact_whatever_the_sum_does(
         tensor = tensor.clamp(-60_000, 60_000)
     # Act / Assert
     assert all_finite(tensor) is finite
+
+
+def _interleaved() -> tuple[bytes, dict[str, torch.Tensor]]:
+    """A hand-made payload whose dtypes alternate (the package's writer groups them), with
+    an empty tensor between two of a run: float32, empty int64, float32, int64, float32."""
+    tensors = {
+        "a": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        "gap": torch.zeros((0, 3), dtype=torch.int64),
+        "b": torch.tensor([5.0, 6.0]),
+        "steps": torch.tensor([7, 8], dtype=torch.int64),
+        "c": torch.tensor([9.0, -1.0]),
+    }
+    header: dict[str, Any] = {}
+    data = b""
+    for name, t in tensors.items():
+        raw = t.numpy().tobytes()
+        code = "F32" if t.dtype == torch.float32 else "I64"
+        header[name] = {
+            "dtype": code,
+            "shape": list(t.shape),
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
+        data += raw
+    text = json.dumps(header).encode()
+    # Padded so the data section starts 8-aligned, as the package's own files do.
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text + data, tensors
+
+
+def test_tensors_of_alternating_dtypes_decode_as_the_package_reads_them() -> None:
+    # Arrange
+    payload, tensors = _interleaved()
+    # Act
+    out = decode(bytearray(payload))
+    # Assert: the package's own reading, in the header's order
+    expected = st_load(payload)
+    assert list(out) == list(tensors)
+    for name in tensors:
+        assert out[name].dtype == expected[name].dtype
+        assert_close(out[name], expected[name])
+
+
+def test_a_non_finite_value_among_many_tensors_is_named() -> None:
+    # Arrange: 50 float tensors in one run, a NaN in the 31st
+    model = {f"layer{i:02d}": torch.full((3, 4), float(i)) for i in range(50)}
+    update = {name: t.clone() for name, t in model.items()}
+    update["layer30"][1, 2] = float("nan")
+    # Act / Assert
+    with pytest.raises(Rejection, match="layer30 holds NaN") as refused:
+        decode_validated(bytearray(encode(update)), schema_of(model))
+    assert refused.value.reason == RejectReason.NON_FINITE
+
+
+def test_finite_tensors_whose_sum_overflows_are_accepted() -> None:
+    # Arrange: every value finite, their sum over the run is not
+    model = {f"w{i}": torch.zeros(2) for i in range(4)}
+    update = {name: torch.tensor([3e38, 3e38]) for name in model}
+    # Act
+    out = decode_validated(bytearray(encode(update)), schema_of(model))
+    # Assert
+    assert_close(out["w3"], torch.tensor([3e38, 3e38]))
+
+
+def test_a_bad_bool_byte_names_its_tensor() -> None:
+    # Arrange: three bool tensors in one run, byte 2 in the second
+    header = {
+        name: {"dtype": "BOOL", "shape": [2], "data_offsets": [2 * i, 2 * i + 2]}
+        for i, name in enumerate(["m0", "m1", "m2"])
+    }
+    payload = _raw(header, bytes([1, 0, 0, 2, 1, 1]))
+    # Act / Assert
+    with pytest.raises(Rejection, match="'m1': bool bytes"):
+        decode(payload)
