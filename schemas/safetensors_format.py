@@ -220,8 +220,8 @@ def _run_tensors(
 ) -> torch.Tensor:
     """Make the tensors of one run (same dtype, back to back) views into one flat tensor,
     put them in `into`, and return the flat tensor."""
-    dtype = run[0][1]
-    begin, end = start + run[0][3], start + run[-1][4]
+    dtype, first = run[0][1], run[0][3]
+    begin, end = start + first, start + run[-1][4]
     # Through a memoryview slice, not the buffer itself: the slice holds an export of the
     # buffer for as long as any tensor of the run lives, which is what `has_no_views` tests.
     part = view[begin:end]
@@ -232,15 +232,13 @@ def _run_tensors(
         raw = torch.frombuffer(part, dtype=torch.uint8)
         if bool((raw > 1).any()):
             # torch reads any nonzero byte as a bool of undefined behaviour: refuse it.
-            name = next(
-                n for n, _, _, b, e in run if bool((raw[b - run[0][3] : e - run[0][3]] > 1).any())
-            )
+            name = next(n for n, _, _, b, e in run if bool((raw[b - first : e - first] > 1).any()))
             raise _reject(f"{name!r}: bool bytes other than 0 and 1")
         flat = raw.view(dtype)
     else:
         flat = torch.frombuffer(part, dtype=dtype)
     itemsize = _ITEMSIZES[dtype]
-    pieces = flat.split_with_sizes([(end - begin) // itemsize for _, _, _, begin, end in run])
+    pieces = flat.split_with_sizes([(e - b) // itemsize for _, _, _, b, e in run])
     for (name, _, shape, _, _), piece in zip(run, pieces, strict=True):
         into[name] = piece if len(shape) == 1 else piece.view(shape)
     return flat
