@@ -73,21 +73,25 @@ def describe(steps: dict[str, float]) -> str:
     return f"{sum(steps.values()):.0f} us per update ({split})"
 
 
+def compare(size: int, tensors: int, base: dict[str, float], repeats: int) -> Summary:
+    """Measure `tensors` tensors of `size` bytes against `base`, the steps at 4 tensors."""
+    steps = measure(size, tensors, repeats)
+    return Summary(
+        name=f"tensors-{tensors}-{human_bytes(size).replace(' ', '')}",
+        figure=describe(steps),
+        baseline=f"{describe(base)} as {BASE_TENSORS} tensors",
+        ratio=ratio(1 / sum(steps.values()), 1 / sum(base.values())),
+        goal=None,
+        extra=f"FedBuff K={BUFFER_SIZE}, one thread, median of {repeats}",
+    )
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     base = measure(args.size, BASE_TENSORS, args.repeats)
     for tensors in (int(t) for t in args.tensors.split(",")):
-        steps = measure(args.size, tensors, args.repeats)
-        summary = Summary(
-            name=f"tensors-{tensors}-{human_bytes(args.size).replace(' ', '')}",
-            figure=describe(steps),
-            baseline=f"{describe(base)} as {BASE_TENSORS} tensors",
-            ratio=ratio(1 / sum(steps.values()), 1 / sum(base.values())),
-            goal=None,
-            extra=f"FedBuff K={BUFFER_SIZE}, one thread, median of {args.repeats}",
-        )
-        print(summary.line(), flush=True)
+        print(compare(args.size, tensors, base, args.repeats).line(), flush=True)
 
 
 if __name__ == "__main__":
