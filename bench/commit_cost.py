@@ -60,13 +60,14 @@ def versions(first: int, count: int, model: bytes, contributors: int) -> list[Ve
     """Describe `count` versions from `first` on, each of `contributors` fresh updates from
     as many devices."""
     metas = []
+    sha = sha256_hex(model)
     for version in range(first, first + count):
         ids = [str(uuid.uuid4()) for _ in range(contributors)]
         metas.append(
             VersionMeta(
                 version=version,
                 created_at=time.time(),
-                sha256=sha256_hex(model),
+                sha256=sha,
                 model_bytes=len(model),
                 contributors=ids,
                 devices=[f"bench-device-{uuid.uuid4().hex[:6]}" for _ in ids],

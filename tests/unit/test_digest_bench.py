@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.digest_speed import compare
-from bench.measure import parse_summary
+from tests.unit.helpers import assert_parses_back
 
 pytestmark = pytest.mark.unit
 
@@ -14,10 +14,4 @@ def test_the_comparison_is_a_parsable_summary_of_two_positive_rates() -> None:
     summary = compare(b"\x01" * 1000, repeats=1)
     assert summary.name == "digest-1KB"
     assert summary.ratio > 0
-    parsed = parse_summary(summary.line())
-    assert parsed is not None
-    assert (parsed.name, parsed.figure, parsed.baseline) == (
-        summary.name,
-        summary.figure,
-        summary.baseline,
-    )
+    assert_parses_back(summary)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.measure import parse_summary
 from bench.tensor_count import BASE_TENSORS, compare, measure
+from tests.unit.helpers import assert_parses_back
 
 pytestmark = pytest.mark.unit
 
@@ -20,10 +20,4 @@ def test_each_step_is_timed_and_the_summary_parses() -> None:
     assert all(us > 0 for us in base.values())
     assert summary.name == "tensors-20-4KB"
     assert summary.ratio > 0
-    parsed = parse_summary(summary.line())
-    assert parsed is not None
-    assert (parsed.name, parsed.figure, parsed.baseline) == (
-        summary.name,
-        summary.figure,
-        summary.baseline,
-    )
+    assert_parses_back(summary)
